@@ -1,0 +1,186 @@
+"""The driver's side of one MPI job: a Spark barrier stage whose tasks are the ranks."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+from functools import partial
+
+from sparkmpi.runner.errors import InsufficientSlotsError, MPIJobError, error_from_reports
+from sparkmpi.runner.frames import encode
+from sparkmpi.runner.hub import DriverHub, JobState, OutputSink, get_hub, print_prefixed
+from sparkmpi.runner.launcher import TaskSpec, barrier_task
+from sparkmpi.runner.runtime import get_runtime
+
+KILL_GRACE_S = 5.0
+"""How long a failed job waits for its tasks to confirm their ranks are dead."""
+SLOT_WAIT_S = 60.0
+"""How long a non-local cluster may take to offer enough task slots (executors starting)."""
+
+_held_slots = 0
+_held_lock = threading.Lock()
+
+
+def spark_context(data):
+    """The SparkContext behind a SparkSession, SparkContext, RDD or DataFrame."""
+    for attr in ("sparkContext", "context"):
+        sc = getattr(data, attr, None)
+        if sc is not None:
+            return sc() if callable(sc) else sc
+    if hasattr(data, "_jsc"):
+        return data
+    if hasattr(data, "rdd"):
+        return data.rdd.context
+    raise TypeError(f"expected a SparkSession, SparkContext, RDD or DataFrame, not {type(data)}")
+
+
+def task_slots(sc) -> int:
+    """How many tasks the cluster can run at once (what Spark's barrier check counts)."""
+    jsc = sc._jsc.sc()
+    try:
+        profile = jsc.resourceProfileManager().defaultResourceProfile()
+        return int(jsc.maxNumConcurrentTasks(profile))
+    except Exception:
+        return int(sc.defaultParallelism)
+
+
+def hold_slots(count: int) -> None:
+    """Marks ``count`` slots as taken by a persistent session (negative releases them)."""
+    global _held_slots
+    with _held_lock:
+        _held_slots += count
+
+
+def ensure_slots(sc, ranks: int, wait: float | None = None) -> None:
+    """Returns once ``ranks`` task slots are free; :class:`InsufficientSlotsError` otherwise.
+
+    Spark's own check would retry for minutes before failing; this one fails at once in local
+    mode and after ``wait`` seconds (executors still registering) on a cluster.
+    """
+    local = sc.master.startswith("local")
+    wait = 0.0 if local else (SLOT_WAIT_S if wait is None else wait)
+    deadline = time.monotonic() + wait
+    while True:
+        total = task_slots(sc)
+        free = total - _held_slots
+        if free >= ranks:
+            return
+        if time.monotonic() >= deadline:
+            held = f", {_held_slots} of them held by open MPI sessions" if _held_slots else ""
+            raise InsufficientSlotsError(
+                f"{ranks} MPI ranks need {ranks} free Spark task slots, but {sc.master} has "
+                f"{total}{held}; use fewer ranks or give Spark more cores "
+                f"(e.g. local[{ranks}])"
+            )
+        time.sleep(0.5)
+
+
+def hub_for(sc, pmi_host: str | None = None) -> DriverHub:
+    """The driver's hub, bound where this context's executors can reach it."""
+    conf = sc.getConf()
+    host = pmi_host or conf.get("spark.sparkmpi.pmi.host") or os.environ.get("SPARKMPI_PMI_HOST")
+    if not host:
+        if sc.master.startswith("local"):
+            host = "127.0.0.1"
+        else:
+            host = conf.get("spark.driver.host") or socket.gethostbyname(socket.gethostname())
+    return get_hub(host)
+
+
+_EXCEPTION_LINE = re.compile(r"^\s*(?:[\w.]+\.)?\w+(?:Error|Exception|Failed|Aborted): .+")
+
+
+def spark_error_summary(error: BaseException) -> str:
+    """The most telling line of a (Py4J-wrapped) Spark failure."""
+    lines = [ln for ln in str(error).splitlines() if ln.strip()]
+    python_lines = [ln.strip() for ln in lines if _EXCEPTION_LINE.match(ln)]
+    for line in python_lines:
+        if not line.startswith(("py4j.", "org.apache.spark.api.python.PythonException")):
+            return line
+    return lines[0].strip() if lines else repr(error)
+
+
+class BarrierJob:
+    """One MPI job as a barrier stage, its Spark action running on a background thread."""
+
+    def __init__(self, rdd, mode: str, body: dict, *, runtime: str = "mpich",
+                 env: dict[str, str] | None = None, output: OutputSink | None = print_prefixed,
+                 pmi_host: str | None = None, slot_wait: float | None = None):
+        self.sc = rdd.context
+        get_runtime(runtime)
+        self.size = rdd.getNumPartitions()
+        ensure_slots(self.sc, self.size, slot_wait)
+        self.hub = hub_for(self.sc, pmi_host)
+        self.state: JobState = self.hub.create_job(self.size, output)
+        spec = TaskSpec(
+            job_id=self.state.job_id,
+            secret=self.state.secret,
+            size=self.size,
+            hub=self.hub.address,
+            pmi=self.hub.pmi.address,
+            mode=mode,
+            job=bytes(encode(body).data),
+            runtime=runtime,
+            env=dict(env or {}),
+        )
+        self.rdd = rdd.barrier().mapPartitions(partial(barrier_task, spec))
+        self.group = f"sparkmpi-{self.state.job_id}"
+        self._thread: threading.Thread | None = None
+        self._result: dict = {}
+
+    def start(self, action) -> BarrierJob:
+        """Runs ``action(rdd)`` (a Spark action) on a background thread in its own job group."""
+
+        def target() -> None:
+            self.sc.setJobGroup(self.group, f"MPI job {self.state.job_id}", True)
+            try:
+                self._result["value"] = action(self.rdd)
+            except BaseException as exc:
+                self._result["error"] = exc
+
+        self._thread = threading.Thread(target=target, name=self.group, daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None):
+        """The action's value; :class:`MPIJobError` if any rank failed or ``timeout`` passed."""
+        assert self._thread is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._thread.is_alive():
+            if self.state.failed.wait(0.05):
+                self.raise_failure()
+            if deadline is not None and time.monotonic() > deadline:
+                self.hub.fail(self.state, {"rank": None, "reason": f"timed out after {timeout} s"})
+                self.state.failed.wait(5)
+                self.raise_failure()
+        self._thread.join()
+        if "error" in self._result:
+            if self.state.failed.wait(1.0):
+                self.raise_failure()
+            self.close()
+            error = self._result["error"]
+            raise MPIJobError(
+                f"Spark failed to run MPI job {self.state.job_id}: {spark_error_summary(error)}"
+            ) from error
+        self.close()
+        return self._result.get("value")
+
+    def raise_failure(self):
+        """Stops the job (tasks kill their ranks, Spark cancels the stage) and raises its error."""
+        self.sc.cancelJobGroup(self.group)
+        deadline = time.monotonic() + KILL_GRACE_S
+        while self.state.links and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.close()
+        raise error_from_reports(self.state.job_id, self.size, self.state.failures)
+
+    def close(self) -> None:
+        if not self.state.closed:
+            self.hub.close_job(self.state)

@@ -1,0 +1,259 @@
+"""The driver's side of every running MPI job: PMI server plus a control channel to each task.
+
+Each Spark task that starts a rank keeps one control connection here. Over it the driver
+learns what the rank printed, whether it finished or failed (with its traceback), and, for
+sessions, its results; and it tells the task to kill its rank when another rank has failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from sparkmpi.pmi import AbortRequest, PMIJob, PMIServer
+from sparkmpi.runner.frames import Kind, Parts, decode, encode, read_parts, write_parts
+
+log = logging.getLogger(__name__)
+
+OutputSink = Callable[[int, str, str], None]
+STREAM_LIMIT = 1 << 24  # bytes buffered per control connection (and longest hello line)
+
+
+def print_prefixed(rank: int, stream: str, text: str) -> None:
+    """Writes a rank's output to the driver's stdout/stderr, each line prefixed ``[rank N]``."""
+    target = sys.stderr if stream == "stderr" else sys.stdout
+    for line in text.splitlines():
+        target.write(f"[rank {rank}] {line}\n")
+    target.flush()
+
+
+@dataclass
+class JobState:
+    """What the driver knows about one running job."""
+
+    pmi: PMIJob
+    output: OutputSink | None
+    failures: list[dict] = field(default_factory=list)
+    failed: threading.Event = field(default_factory=threading.Event)
+    finished: set[int] = field(default_factory=set)
+    ready: set[int] = field(default_factory=set)
+    all_ready: threading.Event = field(default_factory=threading.Event)
+    results: dict[int, object] = field(default_factory=dict)
+    results_done: threading.Event = field(default_factory=threading.Event)
+    links: dict[int, asyncio.StreamWriter] = field(default_factory=dict)
+    closed: bool = False
+    failed_at: float | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.pmi.job_id
+
+    @property
+    def size(self) -> int:
+        return self.pmi.size
+
+    @property
+    def secret(self) -> str:
+        return self.pmi.secret
+
+
+class DriverHub:
+    """PMI server and control listener of this driver, each on its own thread."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, advertise: str | None = None):
+        self.pmi = PMIServer(host, port, advertise)
+        self.host, self.advertise = host, advertise or host
+        self.port = 0
+        self.jobs: dict[str, JobState] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> DriverHub:
+        """Starts both listeners; returns ``self``."""
+        self.pmi.start()
+        ready: Future[None] = Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="sparkmpi-hub", daemon=True
+        )
+        self._thread.start()
+        ready.result(timeout=30)
+        return self
+
+    def _run(self, ready: Future[None]) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            server = loop.run_until_complete(
+                asyncio.start_server(self._serve, self.host, 0, limit=STREAM_LIMIT)
+            )
+            self.port = server.sockets[0].getsockname()[1]
+        except BaseException as exc:
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        loop.run_forever()
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._thread is not None:
+                self._thread.join(timeout=10)
+        self.pmi.stop()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.advertise, self.port
+
+    def _call(self, fn: Callable[[], None]) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(fn)
+
+    # -- jobs -------------------------------------------------------------------------------
+    def create_job(self, size: int, output: OutputSink | None = print_prefixed) -> JobState:
+        """Registers a job of ``size`` ranks in the PMI server and here."""
+        holder: dict[str, JobState] = {}
+
+        def on_abort(job_id: str, request: AbortRequest) -> None:
+            message = request.message or "no message"
+            self.fail(
+                holder["job"],
+                {
+                    "rank": request.rank,
+                    "reason": f"MPI_Abort with exit code {request.exitcode}: {message}",
+                },
+            )
+
+        pmi_job = self.pmi.create_job(size, on_abort=on_abort)
+        job = holder["job"] = JobState(pmi=pmi_job, output=output)
+        self.jobs[job.job_id] = job
+        return job
+
+    def close_job(self, job: JobState) -> None:
+        """Forgets ``job``: its PMI space and control links are closed."""
+        job.closed = True
+        self.pmi.close_job(job.job_id)
+
+        def close() -> None:
+            for writer in job.links.values():
+                writer.close()
+
+        self._call(close)
+        self.jobs.pop(job.job_id, None)
+
+    def fail(self, job: JobState, report: dict) -> None:
+        """Records a failure; the first one tells every task of the job to kill its rank."""
+        self._call(lambda: self._fail(job, report))
+
+    def _fail(self, job: JobState, report: dict) -> None:
+        job.failures.append(report)
+        if job.failed.is_set():
+            return
+        job.failed_at = time.monotonic()
+        job.failed.set()
+        job.results_done.set()
+        job.all_ready.set()
+        reason = f"rank {report.get('rank')} failed: {report.get('reason')}"
+        for writer in job.links.values():
+            self._send(writer, Kind.ABORT, reason)
+
+    def _send(self, writer: asyncio.StreamWriter, kind: Kind, obj: object) -> None:
+        if not writer.is_closing():
+            write_parts(writer, kind, encode(obj))
+
+    def broadcast(self, job: JobState, kind: Kind, payloads: list[Parts] | None) -> None:
+        """Sends ``payloads[r]`` (or an empty frame) to the task of each rank ``r``."""
+        if kind is Kind.CALL:
+            job.results = {}
+            job.results_done.clear()
+
+        def send() -> None:
+            for rank, writer in job.links.items():
+                if not writer.is_closing():
+                    write_parts(writer, kind, payloads[rank] if payloads else encode(None))
+
+        self._call(send)
+
+    # -- control connections ----------------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        job, rank = await self._hello(reader, writer)
+        if job is None:
+            writer.close()
+            return
+        try:
+            while True:
+                kind, parts = await read_parts(reader)
+                self._on_frame(job, rank, kind, parts)
+                if kind is Kind.FINISHED:
+                    job.finished.add(rank)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
+            job.links.pop(rank, None)
+            if rank not in job.finished and not job.closed:
+                self._fail(job, {"rank": rank, "reason": "its Spark task was lost"})
+
+    async def _hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        def answer(**reply: object) -> None:
+            writer.write((json.dumps(reply) + "\n").encode())
+
+        try:
+            hello = json.loads(await reader.readline())
+            job = self.jobs.get(str(hello["job"]))
+            rank = int(hello["rank"])
+            secret = str(hello["secret"]).encode()
+        except (ValueError, KeyError, TypeError, asyncio.LimitOverrunError):
+            answer(ok=False, error="malformed hello")
+            return None, -1
+        if job is None or not hmac.compare_digest(secret, job.secret.encode()):
+            answer(ok=False, error="unknown job or wrong secret")
+            return None, -1
+        if job.failed.is_set() or job.closed or rank in job.links or not 0 <= rank < job.size:
+            answer(ok=False, error=f"rank {rank} may not join job {job.job_id} now")
+            return None, -1
+        job.links[rank] = writer
+        answer(ok=True)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        return job, rank
+
+    def _on_frame(self, job: JobState, rank: int, kind: Kind, parts: Parts) -> None:
+        if kind is Kind.OUTPUT:
+            if job.output is not None:
+                stream, text = decode(parts)  # type: ignore[misc]
+                job.output(rank, stream, text)
+        elif kind is Kind.ERROR:
+            report = decode(parts)
+            self._fail(job, report if isinstance(report, dict) else {"rank": rank})
+        elif kind is Kind.READY:
+            job.ready.add(rank)
+            if len(job.ready) == job.size:
+                job.all_ready.set()
+        elif kind is Kind.RESULT:
+            _, value = decode(parts)  # type: ignore[misc]
+            job.results[rank] = value
+            if len(job.results) == job.size:
+                job.results_done.set()
+
+
+_hubs: dict[str, DriverHub] = {}
+_hubs_lock = threading.Lock()
+
+
+def get_hub(host: str = "127.0.0.1", advertise: str | None = None) -> DriverHub:
+    """The hub of this driver process bound to ``host`` (started on first use)."""
+    key = f"{host}|{advertise}"
+    with _hubs_lock:
+        hub = _hubs.get(key)
+        if hub is None:
+            hub = _hubs[key] = DriverHub(host, 0, advertise).start()
+        return hub

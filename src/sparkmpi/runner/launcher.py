@@ -1,0 +1,290 @@
+"""The Spark task's side: start one rank process, feed it, watch it, and never outlive it.
+
+:func:`barrier_task` is the function of the barrier stage. The task admits its rank to the
+job's PMI space, starts ``python -m sparkmpi.runner.rank`` with the admitted socket as
+``PMI_FD``, streams the partition's rows in, forwards the rank's output to the driver, and
+relays results back. If the rank fails the task reports it and raises; if the driver says
+another rank failed, the task kills its rank (SIGKILL: MPICH ranks busy-poll) and raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from sparkmpi.pmi import connect_rank
+from sparkmpi.runner.frames import Kind, Parts, decode, encode, recv_parts, send, send_parts
+from sparkmpi.runner.runtime import get_runtime
+
+ROWS_PER_FRAME = 256
+STDERR_TAIL_LINES = 20
+_PMI_VARIABLES = ("PMI_PORT", "PMI_ID", "PMI_FD", "PMI_RANK", "PMI_SIZE", "PMI_DEBUG")
+
+
+class RankFailed(RuntimeError):
+    """This task's rank failed (the driver has the full report)."""
+
+
+class RankAborted(RuntimeError):
+    """This task's rank was killed because the job failed elsewhere."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything a task needs to start its rank; pickled into the barrier stage's closure."""
+
+    job_id: str
+    secret: str
+    size: int
+    hub: tuple[str, int]
+    pmi: tuple[str, int]
+    mode: str  # "run" | "session" | "script"
+    job: bytes  # the JOB frame body for the rank (encoded)
+    runtime: str = "mpich"
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def barrier_task(spec: TaskSpec, rows: Iterable) -> Iterator:
+    """mapPartitions body of the barrier stage: one rank, its results as an iterator."""
+    from pyspark import BarrierTaskContext
+
+    ctx = BarrierTaskContext.get()
+    rank = ctx.partitionId()
+    if ctx.attemptNumber() > 0:
+        raise RankFailed(f"rank {rank}: MPI job {spec.job_id} is not retried after a failure")
+    runtime = get_runtime(spec.runtime)
+    single_host = True
+    if runtime.needs_hosts:
+        single_host = len(set(ctx.allGather(socket.gethostname()))) == 1
+    env = dict(spec.env)
+    gpus = ctx.resources().get("gpu")
+    if gpus is not None and gpus.addresses:
+        env.setdefault("CUDA_VISIBLE_DEVICES", ",".join(gpus.addresses))
+    env = {**runtime.rank_env(single_host), **env}
+    return iter(launch_rank(spec, rank, rows, env))
+
+
+def _hub_connect(spec: TaskSpec, rank: int, host: str) -> socket.socket:
+    sock = socket.create_connection(spec.hub, timeout=30)
+    hello = {"job": spec.job_id, "rank": rank, "secret": spec.secret, "host": host}
+    sock.sendall((json.dumps(hello) + "\n").encode())
+    reply = b""
+    while not reply.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            raise RankFailed(f"rank {rank}: the driver closed the control connection")
+        reply += chunk
+    answer = json.loads(reply)
+    if not answer.get("ok"):
+        sock.close()
+        raise RankAborted(f"rank {rank}: driver refused the task: {answer.get('error')}")
+    sock.settimeout(None)
+    return sock
+
+
+def launch_rank(spec: TaskSpec, rank: int, rows: Iterable, env: dict[str, str]) -> list:
+    """Runs rank ``rank`` to completion and returns what it produced (run mode)."""
+    host = socket.gethostname()
+    control = _hub_connect(spec, rank, host)
+    try:
+        pmi_sock = connect_rank(spec.pmi, spec.job_id, spec.secret, rank, host)
+    except BaseException:
+        control.close()
+        raise
+    ours, theirs = socket.socketpair()
+    child_env = {k: v for k, v in os.environ.items() if k not in _PMI_VARIABLES}
+    child_env.update(env)
+    child_env.update(
+        PMI_FD=str(pmi_sock.fileno()),
+        PMI_RANK=str(rank),
+        PMI_SIZE=str(spec.size),
+        SPARKMPI_CHANNEL_FD=str(theirs.fileno()),
+        SPARKMPI_PARENT_PID=str(os.getpid()),
+        SPARKMPI_JOB_ID=spec.job_id,
+        PYTHONUNBUFFERED="1",
+    )
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sparkmpi.runner.rank", f"--job={spec.job_id}", f"--rank={rank}"],
+            env=child_env,
+            pass_fds=(pmi_sock.fileno(), theirs.fileno()),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+    finally:
+        pmi_sock.close()
+        theirs.close()
+    supervisor = RankSupervisor(spec, rank, host, proc, ours, control)
+    return supervisor.run(rows)
+
+
+class RankSupervisor:
+    """Watches one rank process and its three channels until it ends or must be killed."""
+
+    def __init__(self, spec, rank, host, proc, chan, control):
+        self.spec, self.rank, self.host = spec, rank, host
+        self.proc: subprocess.Popen = proc
+        self.chan: socket.socket = chan
+        self.control: socket.socket = control
+        self.control_lock = threading.Lock()
+        self.results: list = []
+        self.report: dict | None = None
+        self.done = False
+        self.feed_error: BaseException | None = None
+        self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self.partial = {"stdout": b"", "stderr": b""}
+
+    def to_driver(self, kind: Kind, obj: object = None, parts: Parts | None = None) -> None:
+        with self.control_lock, contextlib.suppress(OSError):
+            send_parts(self.control, kind, parts if parts is not None else encode(obj))
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    # -- input ------------------------------------------------------------------------------
+    def _feed(self, rows: Iterable) -> None:
+        try:
+            batch: list = []
+            for row in rows:
+                batch.append(row)
+                if len(batch) >= ROWS_PER_FRAME:
+                    send(self.chan, Kind.ROWS, batch)
+                    batch = []
+            if batch:
+                send(self.chan, Kind.ROWS, batch)
+            send(self.chan, Kind.END)
+        except OSError:
+            pass  # the rank stopped reading (it ended); its exit status tells the rest
+        except BaseException as exc:
+            self.feed_error = exc
+            self.kill()
+
+    # -- main loop --------------------------------------------------------------------------
+    def run(self, rows: Iterable) -> list:
+        pidfd = os.pidfd_open(self.proc.pid)
+        sel = selectors.DefaultSelector()
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        sel.register(self.proc.stdout, selectors.EVENT_READ, "stdout")
+        sel.register(self.proc.stderr, selectors.EVENT_READ, "stderr")
+        sel.register(self.chan, selectors.EVENT_READ, "chan")
+        sel.register(self.control, selectors.EVENT_READ, "control")
+        sel.register(pidfd, selectors.EVENT_READ, "exit")
+        try:
+            send_parts(self.chan, Kind.JOB, Parts(self.spec.job, []))
+            if self.spec.mode != "session":
+                threading.Thread(target=self._feed, args=(rows,), daemon=True).start()
+            exited = False
+            while not exited:
+                for key, _ in sel.select():
+                    if key.data == "exit":
+                        exited = True
+                    elif key.data == "chan":
+                        self._from_rank(sel)
+                    elif key.data == "control":
+                        self._from_driver()
+                    else:
+                        self._output(key.data, sel)
+            self.proc.wait()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # whatever the rank left running
+            self._drain(sel)
+            return self._finish()
+        except BaseException:
+            self.kill()
+            raise
+        finally:
+            sel.close()
+            os.close(pidfd)
+            self.chan.close()
+            self.control.close()
+            for pipe in (self.proc.stdout, self.proc.stderr):
+                pipe.close()
+
+    def _output(self, stream: str, sel: selectors.BaseSelector) -> bool:
+        pipe = self.proc.stdout if stream == "stdout" else self.proc.stderr
+        data = os.read(pipe.fileno(), 65536)
+        if not data:
+            with contextlib.suppress(KeyError):
+                sel.unregister(pipe)
+            data = b"\n" if self.partial[stream] else b""
+        text = self.partial[stream] + data
+        complete, _, self.partial[stream] = text.rpartition(b"\n")
+        if complete:
+            lines = complete.decode(errors="replace")
+            if stream == "stderr":
+                self.stderr_tail.extend(lines.splitlines())
+            self.to_driver(Kind.OUTPUT, (stream, lines + "\n"))
+        return bool(data)
+
+    def _from_rank(self, sel: selectors.BaseSelector) -> None:
+        try:
+            kind, parts = recv_parts(self.chan)
+        except (EOFError, OSError):
+            sel.unregister(self.chan)
+            return
+        if kind is Kind.ITEMS:
+            self.results.extend(decode(parts))  # type: ignore[arg-type]
+        elif kind is Kind.DONE:
+            self.done = True
+        elif kind is Kind.ERROR:
+            self.report = decode(parts)  # type: ignore[assignment]
+        elif kind in (Kind.READY, Kind.RESULT):
+            self.to_driver(kind, parts=parts)
+
+    def _from_driver(self) -> None:
+        try:
+            kind, parts = recv_parts(self.control)
+        except (EOFError, OSError):
+            self.kill()
+            raise RankAborted(f"rank {self.rank}: lost the connection to the driver") from None
+        if kind is Kind.ABORT:
+            self.kill()
+            raise RankAborted(f"rank {self.rank} killed: {decode(parts)}")
+        if kind in (Kind.CALL, Kind.END):
+            send_parts(self.chan, kind, parts)
+
+    def _drain(self, sel: selectors.BaseSelector) -> None:
+        """Reads what the dead rank left in its pipes and channel."""
+        while True:
+            keys = [k for k in sel.get_map().values() if k.data in ("stdout", "stderr", "chan")]
+            if not keys:
+                return
+            for key in keys:
+                if key.data == "chan":
+                    self._from_rank(sel)
+                else:
+                    self._output(key.data, sel)
+
+    def _finish(self) -> list:
+        code = self.proc.returncode
+        if code == 0 and self.done and self.feed_error is None:
+            self.to_driver(Kind.FINISHED)
+            return self.results
+        report = dict(self.report or {})
+        report.setdefault("rank", self.rank)
+        if self.feed_error is not None:
+            report["reason"] = f"reading its input failed: {self.feed_error!r}"
+        elif "reason" not in report:
+            if code < 0:
+                report["reason"] = f"killed by signal {signal.Signals(-code).name}"
+            else:
+                report["reason"] = f"exited with status {code} before finishing"
+        report["host"] = self.host
+        report["exitcode"] = code
+        report["stderr"] = "\n".join(self.stderr_tail)
+        self.to_driver(Kind.ERROR, report)
+        raise RankFailed(f"MPI rank {self.rank} on {self.host} failed: {report['reason']}")

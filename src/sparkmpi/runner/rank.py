@@ -1,0 +1,138 @@
+"""Main of one MPI rank process (``python -m sparkmpi.runner.rank``), started by its Spark task.
+
+It inherits two sockets: ``PMI_FD`` (already admitted to the job's PMI space; MPI uses it)
+and ``SPARKMPI_CHANNEL_FD`` (frames with its task: what to run, rows in, results out). It
+dies with its task: ``PR_SET_PDEATHSIG`` turns the task's death into our SIGKILL.
+"""
+
+from __future__ import annotations
+
+import builtins
+import ctypes
+import os
+import pickle
+import signal
+import socket
+import sys
+import traceback
+
+from sparkmpi.runner.frames import Kind, decode, recv, recv_parts, send
+
+ITEMS_PER_FRAME = 256
+
+
+def _die_with_parent() -> None:
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    expected = os.environ.get("SPARKMPI_PARENT_PID")
+    if expected and os.getppid() != int(expected):
+        os._exit(70)  # the task is already gone
+
+
+def _rows(chan: socket.socket):
+    while True:
+        kind, batch = recv(chan)
+        if kind is Kind.END:
+            return
+        yield from batch  # type: ignore[misc]
+
+
+def _run_function(chan: socket.socket, fn, comm) -> None:
+    out = fn(comm, _rows(chan))
+    if out is None:
+        return
+    try:
+        items = iter(out)
+    except TypeError:
+        raise TypeError(
+            f"the MPI function must yield its results or return an iterable, "
+            f"not {type(out).__name__}"
+        ) from None
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= ITEMS_PER_FRAME:
+            send(chan, Kind.ITEMS, batch)
+            batch = []
+    if batch:
+        send(chan, Kind.ITEMS, batch)
+
+
+def _serve_session(chan: socket.socket, comm) -> None:
+    send(chan, Kind.READY, comm.Get_rank())
+    functions: dict[bytes, object] = {}
+    while True:
+        kind, parts = recv_parts(chan)
+        if kind is Kind.END:
+            return
+        seq, fn_bytes, data = decode(parts)
+        fn = functions.get(fn_bytes)
+        if fn is None:
+            fn = functions[fn_bytes] = pickle.loads(fn_bytes)
+        send(chan, Kind.RESULT, (seq, fn(comm, data)))
+
+
+def _run_script(path: str, source: str, argv: list[str]) -> None:
+    sys.argv = [path, *argv]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    code = compile(source, path, "exec")
+    namespace = {"__name__": "__main__", "__file__": path, "__builtins__": builtins}
+    try:
+        exec(code, namespace)
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise RuntimeError(f"{path} exited with status {exc.code}") from None
+
+
+def _report(chan: socket.socket, rank: int, exc: BaseException) -> None:
+    frames = traceback.extract_tb(exc.__traceback__)
+    # Our own frames say nothing to the user; keep theirs.
+    skip = sum(1 for f in frames if f.filename == __file__)
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    text = "".join(tb[:1] + tb[1 + skip :]) if skip < len(frames) else "".join(tb)
+    report = {
+        "rank": rank,
+        "reason": f"{type(exc).__name__}: {exc}".strip().rstrip(":"),
+        "traceback": text,
+    }
+    try:
+        send(chan, Kind.ERROR, report)
+    except OSError:
+        pass
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
+def main() -> None:
+    _die_with_parent()
+    rank = int(os.environ.get("PMI_RANK", "0"))
+    chan = socket.socket(fileno=int(os.environ["SPARKMPI_CHANNEL_FD"]))
+    os.set_inheritable(chan.fileno(), False)
+    os.set_inheritable(int(os.environ["PMI_FD"]), False)
+    try:
+        kind, job = recv(chan)
+        if kind is not Kind.JOB or not isinstance(job, dict):
+            raise RuntimeError(f"expected a JOB frame, got {kind!r}")
+        if job["mode"] == "script":
+            _run_script(*job["script"])
+        else:
+            fn = pickle.loads(job["fn"]) if job["mode"] == "run" else None
+            from mpi4py import MPI
+
+            comm = MPI.COMM_WORLD
+            if fn is None:
+                _serve_session(chan, comm)
+            else:
+                _run_function(chan, fn, comm)
+        send(chan, Kind.DONE)
+    except BaseException as exc:
+        _report(chan, rank, exc)
+        # Skip MPI_Finalize: the other ranks may be blocked in a collective with us.
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Which MPI library the rank processes load: MPICH (default) or Intel MPI.
+
+Both speak PMI-1 to the same server; only the environment of the rank process differs.
+Intel MPI's wheel ships its own ``libmpi.so.12``, so it lives in a prefix of its own
+(``SPARKMPI_IMPI_PREFIX``, default ``/opt/sparkmpi-impi``) instead of beside MPICH's.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_IMPI_PREFIX = "/opt/sparkmpi-impi"
+RUNTIMES = ("mpich", "impi")
+
+
+class RuntimeNotFound(RuntimeError):
+    """The requested MPI library is not installed where it is looked for."""
+
+
+@dataclass(frozen=True)
+class MPIRuntime:
+    """One MPI implementation: how to point mpi4py at it and where its ``mpiexec`` is."""
+
+    name: str
+    prefix: Path
+
+    @property
+    def libmpi(self) -> Path:
+        return self.prefix / "lib" / "libmpi.so.12"
+
+    @property
+    def mpiexec(self) -> Path:
+        return self.prefix / "bin" / "mpiexec"
+
+    def check(self) -> MPIRuntime:
+        """``self``; :class:`RuntimeNotFound` with the fix when its library is missing."""
+        if not self.libmpi.exists():
+            hint = (
+                f"pip install --no-deps --prefix {self.prefix} impi-rt"
+                if self.name == "impi"
+                else "pip install mpich"
+            )
+            raise RuntimeNotFound(f"MPI runtime {self.name!r}: {self.libmpi} not found ({hint})")
+        return self
+
+    @property
+    def needs_hosts(self) -> bool:
+        """Whether the rank environment depends on the set of hosts in the job."""
+        return self.name == "impi"
+
+    def rank_env(self, single_host: bool = True) -> dict[str, str]:
+        """Environment variables a rank process of this runtime needs."""
+        env = {"MPI4PY_LIBMPI": str(self.libmpi)}
+        if self.name == "impi":
+            env["I_MPI_FABRICS"] = os.environ.get(
+                "I_MPI_FABRICS", "shm" if single_host else "shm:ofi"
+            )
+            if not single_host:
+                env["FI_PROVIDER"] = os.environ.get("FI_PROVIDER", "tcp")
+        return env
+
+    def library_version(self) -> str:
+        """The first line of ``MPI_Get_library_version`` of this runtime (without MPI_Init)."""
+        code = (
+            "import mpi4py; mpi4py.rc.initialize = False; from mpi4py import MPI;"
+            "print(MPI.Get_library_version().strip().splitlines()[0])"
+        )
+        env = {**os.environ, **self.rank_env()}
+        for key in ("PMI_FD", "PMI_PORT", "PMI_ID", "PMI_RANK", "PMI_SIZE"):
+            env.pop(key, None)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+        )
+        if out.returncode != 0:
+            raise RuntimeNotFound(f"{self.name}: {out.stderr.strip().splitlines()[-1:]}")
+        return out.stdout.strip()
+
+
+def get_runtime(name: str = "mpich") -> MPIRuntime:
+    """The runtime called ``name`` (``mpich`` or ``impi``), checked to be installed."""
+    if name == "mpich":
+        prefix = Path(sysconfig.get_paths()["data"])
+    elif name == "impi":
+        prefix = Path(os.environ.get("SPARKMPI_IMPI_PREFIX", DEFAULT_IMPI_PREFIX))
+    else:
+        raise ValueError(f"unknown MPI runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
+    return MPIRuntime(name, prefix).check()
