@@ -79,7 +79,7 @@ class PMIJob:
         return process_mapping([self.hosts[r] for r in range(self.size)])
 
     def admit(self, rank: int, host: str) -> list[Reply]:
-        """Registers ``rank`` as running on ``host``; raises :class:`JobRefused` if it may not join."""
+        """Registers ``rank`` as running on ``host``; :class:`JobRefused` if it may not join."""
         if self.closed:
             raise JobRefused(f"job {self.job_id} is over")
         if not 0 <= rank < self.size:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 
 def process_mapping(hosts: Sequence[str]) -> str:
-    """The ``(vector,(node,nodes,ranks_per_node),...)`` value that tells MPI which ranks share a host.
+    """``(vector,(node,nodes,ranks_per_node),...)``: tells MPI which ranks share a host.
 
     ``hosts[r]`` is the host rank ``r`` runs on. Node ids follow the order in which hosts first
     appear. The vector covers every rank exactly once, so it is exact whatever the layout:

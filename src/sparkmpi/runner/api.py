@@ -54,12 +54,17 @@ def run_mpi(
         raise TypeError(f"fn must be callable, not {type(fn).__name__}")
     rdd = _rdd_for(data, ranks)
     job = BarrierJob(
-        rdd, "run", {"mode": "run", "fn": cloudpickle.dumps(fn)},
-        runtime=runtime, env=env, output=output, pmi_host=pmi_host,
+        rdd,
+        "run",
+        {"mode": "run", "fn": cloudpickle.dumps(fn)},
+        runtime=runtime,
+        env=env,
+        output=output,
+        pmi_host=pmi_host,
     )
     job.rdd = job.rdd.persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        job.start(lambda rdd: rdd.count()).wait(timeout)
+        job.run(lambda rdd: rdd.count(), timeout)
     except MPIJobError:
         job.rdd.unpersist()
         raise
@@ -90,4 +95,4 @@ def run_script(
     rdd = spark_context(spark).parallelize([], ranks)
     body = {"mode": "script", "script": (str(path), source, list(args or []))}
     job = BarrierJob(rdd, "script", body, runtime=runtime, env=env, output=output)
-    job.start(lambda rdd: rdd.count()).wait(timeout)
+    job.run(lambda rdd: rdd.count(), timeout)

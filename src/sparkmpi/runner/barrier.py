@@ -106,9 +106,18 @@ def spark_error_summary(error: BaseException) -> str:
 class BarrierJob:
     """One MPI job as a barrier stage, its Spark action running on a background thread."""
 
-    def __init__(self, rdd, mode: str, body: dict, *, runtime: str = "mpich",
-                 env: dict[str, str] | None = None, output: OutputSink | None = print_prefixed,
-                 pmi_host: str | None = None, slot_wait: float | None = None):
+    def __init__(
+        self,
+        rdd,
+        mode: str,
+        body: dict,
+        *,
+        runtime: str = "mpich",
+        env: dict[str, str] | None = None,
+        output: OutputSink | None = print_prefixed,
+        pmi_host: str | None = None,
+        slot_wait: float | None = None,
+    ):
         self.sc = rdd.context
         get_runtime(runtime)
         self.size = rdd.getNumPartitions()
@@ -128,53 +137,55 @@ class BarrierJob:
         )
         self.rdd = rdd.barrier().mapPartitions(partial(barrier_task, spec))
         self.group = f"sparkmpi-{self.state.job_id}"
-        self._thread: threading.Thread | None = None
-        self._result: dict = {}
 
-    def start(self, action) -> BarrierJob:
-        """Runs ``action(rdd)`` (a Spark action) on a background thread in its own job group."""
+    def run(self, action, timeout: float | None = None):
+        """``action(rdd)`` (a Spark action) run to completion in this thread, in its own job group.
 
-        def target() -> None:
-            self.sc.setJobGroup(self.group, f"MPI job {self.state.job_id}", True)
-            try:
-                self._result["value"] = action(self.rdd)
-            except BaseException as exc:
-                self._result["error"] = exc
-
-        self._thread = threading.Thread(target=target, name=self.group, daemon=True)
-        self._thread.start()
-        return self
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def wait(self, timeout: float | None = None):
-        """The action's value; :class:`MPIJobError` if any rank failed or ``timeout`` passed."""
-        assert self._thread is not None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._thread.is_alive():
-            if self.state.failed.wait(0.05):
-                self.raise_failure()
-            if deadline is not None and time.monotonic() > deadline:
-                self.hub.fail(self.state, {"rank": None, "reason": f"timed out after {timeout} s"})
-                self.state.failed.wait(5)
-                self.raise_failure()
-        self._thread.join()
-        if "error" in self._result:
-            if self.state.failed.wait(1.0):
-                self.raise_failure()
-            self.close()
-            error = self._result["error"]
-            raise MPIJobError(
-                f"Spark failed to run MPI job {self.state.job_id}: {spark_error_summary(error)}"
-            ) from error
+        A watcher thread cancels the stage as soon as any rank fails or ``timeout`` passes;
+        then the tasks kill their ranks and :class:`MPIJobError` is raised here.
+        """
+        sc, state = self.sc, self.state
+        keys = ("spark.jobGroup.id", "spark.job.description", "spark.job.interruptOnCancel")
+        previous = {key: sc.getLocalProperty(key) for key in keys}
+        sc.setJobGroup(self.group, f"MPI job {state.job_id} ({self.size} ranks)", True)
+        finished = threading.Event()
+        watcher = threading.Thread(target=self._watch, args=(finished, timeout), daemon=True)
+        watcher.start()
+        error: BaseException | None = None
+        try:
+            value = action(self.rdd)
+        except Exception as exc:
+            error = exc
+        finally:
+            finished.set()
+            state.changed.set()
+            watcher.join()
+            for key, old in previous.items():
+                sc.setLocalProperty(key, old)
+        if state.failed.is_set() or (error is not None and state.failed.wait(1.0)):
+            self._raise_failure()
         self.close()
-        return self._result.get("value")
+        if error is not None:
+            raise MPIJobError(
+                f"Spark failed to run MPI job {state.job_id}: {spark_error_summary(error)}"
+            ) from error
+        return value
 
-    def raise_failure(self):
-        """Stops the job (tasks kill their ranks, Spark cancels the stage) and raises its error."""
-        self.sc.cancelJobGroup(self.group)
+    def _watch(self, finished: threading.Event, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not finished.is_set():
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self.state.changed.wait(left)
+            if finished.is_set():
+                return
+            if self.state.failed.is_set():
+                self.sc.cancelJobGroup(self.group)
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                self.hub.fail(self.state, {"rank": None, "reason": f"timed out after {timeout} s"})
+                deadline = None
+
+    def _raise_failure(self):
         deadline = time.monotonic() + KILL_GRACE_S
         while self.state.links and time.monotonic() < deadline:
             time.sleep(0.02)

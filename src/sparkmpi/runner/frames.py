@@ -7,12 +7,15 @@ driver and its rank without unpickling them (:class:`Parts`).
 
 from __future__ import annotations
 
-import asyncio
 import pickle
 import socket
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # asyncio is only needed by the driver; rank processes must start fast
+    import asyncio
 
 _HEADER = struct.Struct("!BIQ")  # kind, number of buffers, pickle length
 _LENGTH = struct.Struct("!Q")

@@ -52,6 +52,7 @@ class JobState:
     links: dict[int, asyncio.StreamWriter] = field(default_factory=dict)
     closed: bool = False
     failed_at: float | None = None
+    changed: threading.Event = field(default_factory=threading.Event)
 
     @property
     def job_id(self) -> str:
@@ -159,6 +160,7 @@ class DriverHub:
             return
         job.failed_at = time.monotonic()
         job.failed.set()
+        job.changed.set()
         job.results_done.set()
         job.all_ready.set()
         reason = f"rank {report.get('rank')} failed: {report.get('reason')}"

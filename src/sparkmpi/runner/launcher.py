@@ -26,6 +26,7 @@ from sparkmpi.pmi import connect_rank
 from sparkmpi.runner.frames import Kind, Parts, decode, encode, recv_parts, send, send_parts
 from sparkmpi.runner.runtime import get_runtime
 
+RANK_MODULE = "sparkmpi.runner.rank"
 ROWS_PER_FRAME = 256
 STDERR_TAIL_LINES = 20
 _PMI_VARIABLES = ("PMI_PORT", "PMI_ID", "PMI_FD", "PMI_RANK", "PMI_SIZE", "PMI_DEBUG")
@@ -115,7 +116,13 @@ def launch_rank(spec: TaskSpec, rank: int, rows: Iterable, env: dict[str, str]) 
     )
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sparkmpi.runner.rank", f"--job={spec.job_id}", f"--rank={rank}"],
+            [
+                sys.executable,
+                "-m",
+                RANK_MODULE,
+                f"--job={spec.job_id}",
+                f"--rank={rank}",
+            ],
             env=child_env,
             pass_fds=(pmi_sock.fileno(), theirs.fileno()),
             stdin=subprocess.DEVNULL,
@@ -185,7 +192,10 @@ class RankSupervisor:
         sel.register(pidfd, selectors.EVENT_READ, "exit")
         try:
             send_parts(self.chan, Kind.JOB, Parts(self.spec.job, []))
-            if self.spec.mode != "session":
+            if self.spec.mode == "session":
+                for _ in rows:  # sessions take no rows; Spark finishes faster once they are read
+                    pass
+            else:
                 threading.Thread(target=self._feed, args=(rows,), daemon=True).start()
             exited = False
             while not exited:

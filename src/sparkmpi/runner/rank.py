@@ -8,6 +8,7 @@ dies with its task: ``PR_SET_PDEATHSIG`` turns the task's death into our SIGKILL
 from __future__ import annotations
 
 import builtins
+import contextlib
 import ctypes
 import os
 import pickle
@@ -98,10 +99,8 @@ def _report(chan: socket.socket, rank: int, exc: BaseException) -> None:
         "reason": f"{type(exc).__name__}: {exc}".strip().rstrip(":"),
         "traceback": text,
     }
-    try:
+    with contextlib.suppress(OSError):
         send(chan, Kind.ERROR, report)
-    except OSError:
-        pass
     sys.stderr.write(text)
     sys.stderr.flush()
 
@@ -127,11 +126,22 @@ def main() -> None:
                 _serve_session(chan, comm)
             else:
                 _run_function(chan, fn, comm)
+        _finalize_mpi()
         send(chan, Kind.DONE)
     except BaseException as exc:
         _report(chan, rank, exc)
         # Skip MPI_Finalize: the other ranks may be blocked in a collective with us.
         os._exit(1)
+    # Interpreter teardown adds nothing once MPI is finalized and the task has our results.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _finalize_mpi() -> None:
+    mpi4py_mpi = sys.modules.get("mpi4py.MPI")
+    if mpi4py_mpi is not None and mpi4py_mpi.Is_initialized() and not mpi4py_mpi.Is_finalized():
+        mpi4py_mpi.Finalize()
 
 
 if __name__ == "__main__":

@@ -36,40 +36,55 @@ class MPISession:
     ):
         rdd = spark_context(spark).parallelize([], ranks)
         self.ranks = ranks
+        self._released = False
+        self._release_lock = threading.Lock()
         self._job = BarrierJob(
-            rdd, "session", {"mode": "session"},
-            runtime=runtime, env=env, output=output, pmi_host=pmi_host,
+            rdd,
+            "session",
+            {"mode": "session"},
+            runtime=runtime,
+            env=env,
+            output=output,
+            pmi_host=pmi_host,
         )
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._hold, name="sparkmpi-session", daemon=True)
         hold_slots(ranks)
+        self._thread.start()
         try:
-            self._job.start(lambda rdd: rdd.collect())
             self._wait_for(self._job.state.all_ready, start_timeout, "start")
         except BaseException:
-            self._release()
+            self.close()
             raise
 
-    def _wait_for(self, event: threading.Event, timeout: float | None, what: str) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not event.wait(0.01):
-            if not self._job.running:
-                self._release()
-                self._job.wait()  # raises the Spark error
-                raise MPIJobError(f"MPI session ended during {what}")
-            if deadline is not None and time.monotonic() > deadline:
-                self._job.hub.fail(
-                    self._job.state, {"rank": None, "reason": f"{what} timed out after {timeout} s"}
-                )
-                event = self._job.state.failed
-                deadline = None
-        if self._job.state.failed.is_set():
+    def _hold(self) -> None:
+        try:
+            self._job.run(lambda rdd: rdd.collect())
+        except BaseException as exc:
+            self._error = exc
+        finally:
             self._release()
-            self._job.raise_failure()
+
+    def _wait_for(self, event: threading.Event, timeout: float | None, what: str) -> None:
+        state = self._job.state
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not event.wait(0.01) and self._thread.is_alive():
+            if deadline is not None and time.monotonic() > deadline:
+                reason = f"{what} timed out after {timeout} s"
+                self._job.hub.fail(state, {"rank": None, "reason": reason})
+                deadline = None
+        if state.failed.is_set() or not self._thread.is_alive():
+            self._closed = True
+            self._thread.join()
+            if isinstance(self._error, MPIJobError):
+                raise self._error
+            raise MPIJobError(f"MPI session ended during {what}") from self._error
 
     def run(self, fn: Callable, data: Sequence | None = None, timeout: float | None = None) -> list:
-        """``[fn(comm, data[r]) on rank r for r in range(ranks)]`` (``data[r]`` is None if no data)."""
+        """What ``fn(comm, data[r])`` returned on each rank ``r``, in rank order."""
         if data is not None and len(data) != self.ranks:
             raise ValueError(f"data has {len(data)} entries for {self.ranks} ranks")
         with self._lock:
@@ -88,22 +103,20 @@ class MPISession:
     def close(self, timeout: float = 30.0) -> None:
         """Ends every rank process and releases the task slots (idempotent)."""
         with self._lock:
-            if self._closed:
-                return
             self._closed = True
-        try:
-            if not self._job.state.failed.is_set():
-                self._job.hub.broadcast(self._job.state, Kind.END, None)
-                self._job.wait(timeout)
-        finally:
-            self._release()
-            self._job.close()
+            state = self._job.state
+            if self._thread.is_alive() and not state.failed.is_set():
+                self._job.hub.broadcast(state, Kind.END, None)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._job.hub.fail(state, {"rank": None, "reason": "session close timed out"})
+                self._thread.join()
 
     def _release(self) -> None:
-        if not getattr(self, "_released", False):
-            self._released = True
-            self._closed = True
-            hold_slots(-self.ranks)
+        with self._release_lock:
+            if not self._released:
+                self._released = True
+                hold_slots(-self.ranks)
 
     def __enter__(self) -> MPISession:
         return self

@@ -1,0 +1,78 @@
+"""The ``spark-mpi`` command: ``run``, ``info`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from sparkmpi.runner import MPIJobError, run_script
+    from sparkmpi.runner.context import spark_session
+
+    spark = spark_session(args.master, cores=args.np)
+    try:
+        run_script(
+            spark, args.script, args.args, ranks=args.np, runtime=args.runtime, timeout=args.timeout
+        )
+    except (MPIJobError, FileNotFoundError) as exc:
+        print(f"spark-mpi run: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        spark.stop()
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from sparkmpi.info import collect_info
+
+    for key, value in collect_info().items():
+        print(f"{key:>16}: {value}")
+    return 0
+
+
+def _cmd_bench_launch(args: argparse.Namespace) -> int:
+    from sparkmpi.bench.launch import main as bench_launch
+
+    return bench_launch(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spark-mpi", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run an mpi4py script as N ranks on Spark, like mpiexec")
+    run.add_argument("--np", "-n", type=int, default=1, help="number of ranks (default 1)")
+    run.add_argument("--master", help="Spark master URL (default local[NP])")
+    run.add_argument("--runtime", choices=("mpich", "impi"), default="mpich")
+    run.add_argument("--timeout", type=float, help="fail the job after this many seconds")
+    run.add_argument("script", help="the Python script every rank runs")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    run.set_defaults(func=_cmd_run)
+
+    info = sub.add_parser("info", help="versions of Spark, Java, MPI and the PMI server address")
+    info.set_defaults(func=_cmd_info)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    launch = bench_sub.add_parser("launch", help="job launch time: Spark vs mpiexec")
+    launch.add_argument("--ranks", type=int, default=2)
+    launch.add_argument("--repeat", type=int, default=10)
+    launch.add_argument("--submissions", type=int, default=50)
+    launch.add_argument("--master", help="Spark master URL (default local[RANKS])")
+    launch.add_argument("--json", help="write the figures as JSON here")
+    launch.add_argument("--plot", help="write a PNG plot here")
+    launch.set_defaults(func=_cmd_bench_launch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "np", 1) < 1:
+        print("spark-mpi run: --np must be at least 1", file=sys.stderr)
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
