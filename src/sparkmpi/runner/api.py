@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import cloudpickle
-
 from sparkmpi.runner.barrier import BarrierJob, spark_context
 from sparkmpi.runner.errors import MPIJobError
+from sparkmpi.runner.functions import dumps_function
 from sparkmpi.runner.hub import OutputSink, print_prefixed
 
 
@@ -50,13 +49,12 @@ def run_mpi(
     """
     from pyspark import StorageLevel
 
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+    fn_bytes = dumps_function(fn)
     rdd = _rdd_for(data, ranks)
     job = BarrierJob(
         rdd,
         "run",
-        {"mode": "run", "fn": cloudpickle.dumps(fn)},
+        {"mode": "run", "fn": fn_bytes},
         runtime=runtime,
         env=env,
         output=output,

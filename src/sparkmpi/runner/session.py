@@ -7,11 +7,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-import cloudpickle
-
 from sparkmpi.runner.barrier import BarrierJob, hold_slots, spark_context
 from sparkmpi.runner.errors import MPIJobError
 from sparkmpi.runner.frames import Kind, encode
+from sparkmpi.runner.functions import dumps_function
 from sparkmpi.runner.hub import OutputSink, print_prefixed
 
 
@@ -90,7 +89,7 @@ class MPISession:
         with self._lock:
             if self._closed:
                 raise MPIJobError("this MPI session is closed")
-            seq, fn_bytes = next(self._seq), cloudpickle.dumps(fn)
+            seq, fn_bytes = next(self._seq), dumps_function(fn)
             payloads = [
                 encode((seq, fn_bytes, None if data is None else data[r]))
                 for r in range(self.ranks)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Sets up a fresh Debian machine (Python >= 3.11 as python3) for spark-mpi: Java 17 for
+# Spark, the Python packages (pyspark, mpi4py, the mpich wheel, ...), and Intel MPI's
+# runtime in a prefix of its own (its libmpi.so.12 would otherwise replace MPICH's).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+IMPI_PREFIX=${SPARKMPI_IMPI_PREFIX:-/opt/sparkmpi-impi}
+IMPI_VERSION=2021.18.0
+
+apt_install() {
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "$@"
+}
+
+java_major() {
+    command -v java >/dev/null 2>&1 || { echo 0; return; }
+    java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1
+}
+
+if [ "$(java_major)" -lt 17 ] 2>/dev/null || [ -z "$(java_major)" ]; then
+    echo "setup: Java 17 or newer not found; installing openjdk-17-jre-headless"
+    apt_install openjdk-17-jre-headless
+fi
+echo "setup: java $(java_major)"
+
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || { echo "setup: Python >= 3.11 needed, $PYTHON is $("$PYTHON" -V)"; exit 1; }
+"$PYTHON" -m pip install -q -e ".[dev]"
+
+if [ ! -e "$IMPI_PREFIX/lib/libmpi.so.12" ]; then
+    echo "setup: installing Intel MPI runtime $IMPI_VERSION into $IMPI_PREFIX"
+    "$PYTHON" -m pip install -q --no-deps --prefix "$IMPI_PREFIX" "impi-rt==$IMPI_VERSION"
+fi
+
+"$PYTHON" -m sparkmpi.cli info

@@ -1,0 +1,63 @@
+"""Test helpers: start real MPI rank processes against a PMIServer without Spark."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import psutil
+
+from sparkmpi.pmi import PMIServer, connect_rank
+from sparkmpi.runner.runtime import get_runtime
+
+RANK_MARKER = "sparkmpi.runner.rank"
+
+
+def start_ranks(
+    server: PMIServer, size: int, program: str, runtime: str = "mpich"
+) -> list[subprocess.Popen]:
+    """``size`` Python processes running ``program``, admitted as one job of ``server``."""
+    job = server.create_job(size)
+    procs = []
+    for rank in range(size):
+        sock = connect_rank(server.address, job.job_id, job.secret, rank, socket.gethostname())
+        env = {**os.environ, **get_runtime(runtime).rank_env()}
+        env.update(PMI_FD=str(sock.fileno()), PMI_RANK=str(rank), PMI_SIZE=str(size))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", program],
+                env=env,
+                pass_fds=[sock.fileno()],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+        sock.close()
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 60) -> list[str]:
+    """Each process's stdout; kills them all if any does not end in ``timeout``."""
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+            p.wait()
+        raise
+    assert [p.returncode for p in procs] == [0] * len(procs), outs
+    return outs
+
+
+def rank_processes() -> list[psutil.Process]:
+    """Rank processes started (directly or through Spark) by this test process."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if RANK_MARKER in " ".join(proc.cmdline()) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            pass
+    return found

@@ -1,0 +1,80 @@
+"""The spark-mpi command, run as a user would run it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    a = np.full(4, comm.rank + 1.0)
+    total = np.empty_like(a)
+    comm.Allreduce(a, total)
+    root_says = comm.bcast(sys.argv[1:] if comm.rank == 0 else None, root=0)
+    gathered = comm.gather(comm.rank * 10, root=0)
+    print("rank", comm.rank, "of", comm.size, "sum", int(total[0]), "args", root_says)
+    if comm.rank == 0:
+        print("gathered", gathered)
+    """
+)
+
+
+def spark_mpi(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sparkmpi.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_run_script_like_mpiexec(tmp_path):
+    script = tmp_path / "hello_mpi.py"
+    script.write_text(SCRIPT)
+    done = spark_mpi("run", "--np", "2", str(script), "alpha", "--beta")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert "[rank 0] rank 0 of 2 sum 3 args ['alpha', '--beta']" in lines
+    assert "[rank 1] rank 1 of 2 sum 3 args ['alpha', '--beta']" in lines
+    assert "[rank 0] gathered [0, 10]" in lines
+
+
+def test_failing_script_exits_nonzero_with_one_clear_error(tmp_path):
+    script = tmp_path / "bad.py"
+    script.write_text(
+        "from mpi4py import MPI\nif MPI.COMM_WORLD.rank == 1:\n    raise SystemExit(4)\n"
+        "MPI.COMM_WORLD.Barrier()\n"
+    )
+    done = spark_mpi("run", "--np", "2", str(script))
+    assert done.returncode == 1
+    assert "spark-mpi run: MPI rank 1 of 2" in done.stderr
+    assert "exited with status 4" in done.stderr
+
+
+def test_missing_script(tmp_path):
+    done = spark_mpi("run", "--np", "1", str(tmp_path / "nope.py"))
+    assert done.returncode == 1
+    assert "cannot read MPI script" in done.stderr
+
+
+def test_info_lists_versions():
+    done = spark_mpi("info", timeout=120)
+    assert done.returncode == 0, done.stderr
+    for key in ("Spark", "Java", "mpi4py", "MPI (mpich)", "PMI server"):
+        assert key in done.stdout
+    assert "MPICH Version" in done.stdout
+
+
+@pytest.mark.parametrize("args", [["run"], ["bench"], ["nonsense"]])
+def test_usage_errors(args):
+    done = spark_mpi(*args, timeout=60)
+    assert done.returncode == 2 and "usage:" in done.stderr

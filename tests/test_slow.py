@@ -1,0 +1,101 @@
+"""Heavy tests (CI's second step): Intel MPI, a real standalone cluster, the launch benchmark."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sparkmpi import run_mpi
+from standalone import StandaloneCluster
+
+pytestmark = pytest.mark.slow
+
+
+def library_and_sum(comm, rows):
+    from mpi4py import MPI
+
+    local = np.full(1000, comm.rank + 1.0)
+    total = np.empty_like(local)
+    comm.Allreduce(local, total)
+    yield comm.rank, MPI.Get_library_version().splitlines()[0], float(total[0])
+
+
+def test_intel_mpi_joins_the_same_pmi_server(spark):
+    out = run_mpi(spark, library_and_sum, ranks=2, runtime="impi", output=None).collect()
+    assert [r for r, _, _ in out] == [0, 1]
+    assert all("Intel(R) MPI Library" in lib for _, lib, _ in out)
+    assert all(total == 3.0 for _, _, total in out)
+
+
+def test_mpich_is_the_default(spark):
+    out = run_mpi(spark, library_and_sum, ranks=2, output=None).collect()
+    assert all("MPICH" in lib and total == 3.0 for _, lib, total in out)
+
+
+@pytest.mark.timeout(420)
+def test_standalone_cluster_runs_a_two_rank_job(tmp_path):
+    cluster = StandaloneCluster(tmp_path, workers=2, cores=1).start()
+    code = f"""
+import sys
+sys.path.insert(0, {str(__file__.rsplit("/", 1)[0])!r})
+from test_slow import library_and_sum
+from sparkmpi import run_mpi
+from pyspark.sql import SparkSession
+spark = (SparkSession.builder.master({cluster.url!r}).appName("standalone test")
+         .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
+         .config("spark.executor.cores", "1").config("spark.executor.memory", "512m")
+         .config("spark.cores.max", "2").config("spark.pyspark.python", sys.executable)
+         .config("spark.ui.enabled", "false").getOrCreate())
+out = run_mpi(spark, library_and_sum, ranks=2, output=None).collect()
+print("RESULT", out)
+spark.stop()
+"""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=360,
+        )
+    finally:
+        cluster.stop()
+    assert done.returncode == 0, done.stderr[-4000:]
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT"))
+    assert "(0, 'MPICH" in line and "(1, 'MPICH" in line and "3.0" in line
+
+
+def test_bench_launch_quick(tmp_path):
+    out_json, out_png = tmp_path / "launch.json", tmp_path / "launch.png"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sparkmpi.cli",
+            "bench",
+            "launch",
+            "--ranks",
+            "2",
+            "--repeat",
+            "2",
+            "--submissions",
+            "5",
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out_json.read_text())
+    for key in ("ranks", "spark_job_s", "mpiexec_s", "session_dispatch_s"):
+        assert key in data
+    assert data["ranks"] == 2 and out_png.stat().st_size > 1000
+    assert "Spark job / mpiexec" in done.stdout
