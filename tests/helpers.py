@@ -12,7 +12,7 @@ import psutil
 from sparkmpi.pmi import PMIServer, connect_rank
 from sparkmpi.runner.runtime import get_runtime
 
-RANK_MARKER = "sparkmpi.runner.rank"
+RANK_NAME = "sparkmpi-rank"  # set by the rank process itself (spares are "sparkmpi-spare")
 
 
 def start_ranks(
@@ -52,11 +52,11 @@ def finish(procs: list[subprocess.Popen], timeout: float = 60) -> list[str]:
 
 
 def rank_processes() -> list[psutil.Process]:
-    """Rank processes started (directly or through Spark) by this test process."""
+    """Rank processes (not idle spares) started, directly or through Spark, by this test."""
     found = []
     for proc in psutil.Process().children(recursive=True):
         try:
-            if RANK_MARKER in " ".join(proc.cmdline()) and proc.status() != psutil.STATUS_ZOMBIE:
+            if proc.name() == RANK_NAME and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             pass

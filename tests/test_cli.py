@@ -78,3 +78,32 @@ def test_info_lists_versions():
 def test_usage_errors(args):
     done = spark_mpi(*args, timeout=60)
     assert done.returncode == 2 and "usage:" in done.stderr
+
+
+def test_prestarted_interpreters_die_with_spark(tmp_path):
+    code = textwrap.dedent(
+        """
+        import time, psutil
+        from sparkmpi import run_mpi
+        from sparkmpi.runner.context import spark_session
+        spark = spark_session(cores=2)
+        run_mpi(spark, lambda comm, rows: [comm.rank], ranks=2, output=None).collect()
+        time.sleep(2)
+        spares = [p.pid for p in psutil.Process().children(recursive=True)
+                  if p.name() == "sparkmpi-spare"]
+        spark.stop()
+        print("SPARES", spares)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    spares = eval(next(ln for ln in done.stdout.splitlines() if ln.startswith("SPARES"))[7:])
+    assert spares, "a finished job should leave a spare in its worker"
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + 15
+    while any(psutil.pid_exists(p) for p in spares) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in spares if psutil.pid_exists(p)]

@@ -133,3 +133,24 @@ def test_environment_reaches_ranks(spark):
 
     out = run_mpi(spark, env, ranks=1, env={"MY_SETTING": "42"}, output=None).collect()
     assert out == [("42", None)]
+
+
+def _interpreters(comm, rows):
+    import sys
+
+    with open("/proc/self/cmdline", "rb") as f:
+        yield b"--spare" in f.read(), sys.path
+
+
+def test_later_jobs_use_prestarted_interpreters(spark):
+    run_mpi(spark, _interpreters, ranks=2, output=None).collect()
+    time.sleep(1.5)  # spares start shortly after a job ends
+    warm = run_mpi(spark, _interpreters, ranks=2, output=None).collect()
+    assert any(spare for spare, _ in warm)
+
+
+def test_startup_variables_get_a_fresh_interpreter(spark):
+    run_mpi(spark, _interpreters, ranks=2, output=None).collect()
+    time.sleep(1.5)
+    out = run_mpi(spark, _interpreters, ranks=2, env={"PYTHONPATH": "/opt/extra"}, output=None)
+    assert all(not spare and "/opt/extra" in path for spare, path in out.collect())

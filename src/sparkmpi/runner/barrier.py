@@ -134,6 +134,7 @@ class BarrierJob:
             job=bytes(encode(body).data),
             runtime=runtime,
             env=dict(env or {}),
+            prestart=os.environ.get("SPARKMPI_PRESTART", "1") != "0",
         )
         self.rdd = rdd.barrier().mapPartitions(partial(barrier_task, spec))
         self.group = f"sparkmpi-{self.state.job_id}"

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from sparkmpi.pmi import connect_rank
 from sparkmpi.runner.frames import Kind, Parts, decode, encode, recv_parts, send, send_parts
 from sparkmpi.runner.runtime import get_runtime
+from sparkmpi.runner.spare import request_spare, take_spare
 
 RANK_MODULE = "sparkmpi.runner.rank"
 ROWS_PER_FRAME = 256
@@ -53,6 +54,7 @@ class TaskSpec:
     job: bytes  # the JOB frame body for the rank (encoded)
     runtime: str = "mpich"
     env: dict[str, str] = field(default_factory=dict)
+    prestart: bool = True  # keep a pre-started rank interpreter in each worker (spare.py)
 
 
 def barrier_task(spec: TaskSpec, rows: Iterable) -> Iterator:
@@ -114,27 +116,28 @@ def launch_rank(spec: TaskSpec, rank: int, rows: Iterable, env: dict[str, str]) 
         SPARKMPI_JOB_ID=spec.job_id,
         PYTHONUNBUFFERED="1",
     )
+    fds = (pmi_sock.fileno(), theirs.fileno())
+    command = [sys.executable, "-m", RANK_MODULE]
     try:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                RANK_MODULE,
-                f"--job={spec.job_id}",
-                f"--rank={rank}",
-            ],
-            env=child_env,
-            pass_fds=(pmi_sock.fileno(), theirs.fileno()),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        proc = take_spare(child_env, fds) if spec.prestart else None
+        if proc is None:
+            proc = subprocess.Popen(
+                command,
+                env=child_env,
+                pass_fds=fds,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
     finally:
         pmi_sock.close()
         theirs.close()
-    supervisor = RankSupervisor(spec, rank, host, proc, ours, control)
-    return supervisor.run(rows)
+    try:
+        return RankSupervisor(spec, rank, host, proc, ours, control).run(rows)
+    finally:
+        if spec.prestart:
+            request_spare(command)
 
 
 class RankSupervisor:

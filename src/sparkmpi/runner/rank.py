@@ -22,12 +22,24 @@ from sparkmpi.runner.frames import Kind, decode, recv, recv_parts, send
 ITEMS_PER_FRAME = 256
 
 
+PROCESS_NAME = b"sparkmpi-rank"
+SPARE_NAME = b"sparkmpi-spare"
+
+
+def _prctl(option: int, value: object) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(option, value)
+
+
+def _set_name(name: bytes) -> None:
+    """Names this process (``ps -o comm``, ``psutil.Process().name()``)."""
+    pr_set_name = 15
+    _prctl(pr_set_name, ctypes.c_char_p(name))
+
+
 def _die_with_parent() -> None:
     pr_set_pdeathsig = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
+    _prctl(pr_set_pdeathsig, signal.SIGKILL)
     expected = os.environ.get("SPARKMPI_PARENT_PID")
     if expected and os.getppid() != int(expected):
         os._exit(70)  # the task is already gone
@@ -106,7 +118,15 @@ def _report(chan: socket.socket, rank: int, exc: BaseException) -> None:
 
 
 def main() -> None:
+    spare = "--spare" in sys.argv
     _die_with_parent()
+    if spare:
+        from sparkmpi.runner.spare import preload, wait_for_job
+
+        _set_name(SPARE_NAME)
+        preload()
+        wait_for_job()
+    _set_name(PROCESS_NAME)
     rank = int(os.environ.get("PMI_RANK", "0"))
     chan = socket.socket(fileno=int(os.environ["SPARKMPI_CHANNEL_FD"]))
     os.set_inheritable(chan.fileno(), False)
