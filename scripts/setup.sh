@@ -30,6 +30,8 @@ echo "setup: java $(java_major)"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || { echo "setup: Python >= 3.11 needed, $PYTHON is $("$PYTHON" -V)"; exit 1; }
 "$PYTHON" -m pip install -q -e ".[dev]"
+# Rank processes start often; do not let them compile the package on every start.
+"$PYTHON" -m compileall -q src
 
 if [ ! -e "$IMPI_PREFIX/lib/libmpi.so.12" ]; then
     echo "setup: installing Intel MPI runtime $IMPI_VERSION into $IMPI_PREFIX"

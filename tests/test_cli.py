@@ -107,3 +107,18 @@ def test_prestarted_interpreters_die_with_spark(tmp_path):
     while any(psutil.pid_exists(p) for p in spares) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [p for p in spares if psutil.pid_exists(p)]
+
+
+def test_scripts_also_run_in_prestarted_interpreters(spark, tmp_path, captured):
+    import time
+
+    from sparkmpi import run_script
+
+    script = tmp_path / "hello_mpi.py"
+    script.write_text(SCRIPT + "\nprint('argv0', sys.argv[0])\n")
+    for _ in range(2):
+        run_script(spark, script, ["x"], ranks=2, output=captured)
+        time.sleep(1.5)
+    sums = [line for _, _, line in captured.lines if "sum 3 args ['x']" in line]
+    assert len(sums) == 4
+    assert (0, "stdout", f"argv0 {script}") in captured.lines

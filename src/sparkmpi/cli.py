@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--ranks", type=int, default=2)
     launch.add_argument("--repeat", type=int, default=10)
     launch.add_argument("--submissions", type=int, default=50)
+    launch.add_argument("--gap", type=float, default=0.5, help="idle seconds before each launch")
     launch.add_argument("--master", help="Spark master URL (default local[RANKS])")
     launch.add_argument("--json", help="write the figures as JSON here")
     launch.add_argument("--plot", help="write a PNG plot here")

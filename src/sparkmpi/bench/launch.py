@@ -36,8 +36,11 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(spark, ranks: int, repeat: int, submissions: int) -> dict:
-    """Median seconds of each way to launch; every job is checked to have all ``ranks``."""
+def measure(spark, ranks: int, repeat: int, submissions: int, gap: float = 0.5) -> dict:
+    """Median seconds of each way to launch; every job is checked to have all ``ranks``.
+
+    Each timed launch starts after ``gap`` idle seconds, as a job arriving at an idle cluster
+    would (on two cores, back-to-back launches mostly measure each other's clean-up)."""
     from sparkmpi import MPISession, run_mpi
     from sparkmpi.runner.runtime import get_runtime
 
@@ -58,7 +61,9 @@ def measure(spark, ranks: int, repeat: int, submissions: int) -> dict:
     spark_job(), mpiexec_job()  # warm-up: JVM classes, page cache
     spark_s, mpiexec_s = [], []
     for _ in track(range(repeat), description=f"launching {ranks}-rank jobs"):
+        time.sleep(gap)
         spark_s.append(spark_job())
+        time.sleep(gap)
         mpiexec_s.append(_timed(mpiexec_job))
     dispatch_s = []
     with MPISession(spark, ranks, output=None) as session:
@@ -68,6 +73,7 @@ def measure(spark, ranks: int, repeat: int, submissions: int) -> dict:
     result = {
         "ranks": ranks,
         "repeat": repeat,
+        "gap_s": gap,
         "spark_job_s": statistics.median(spark_s),
         "mpiexec_s": statistics.median(mpiexec_s),
         "session_dispatch_s": statistics.median(dispatch_s),
@@ -86,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
 
     spark = spark_session(args.master, cores=args.ranks, app_name="spark-mpi bench launch")
     try:
-        r = measure(spark, args.ranks, args.repeat, args.submissions)
+        r = measure(spark, args.ranks, args.repeat, args.submissions, args.gap)
     finally:
         spark.stop()
     print_table(

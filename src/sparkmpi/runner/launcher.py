@@ -73,8 +73,8 @@ def barrier_task(spec: TaskSpec, rows: Iterable) -> Iterator:
     gpus = ctx.resources().get("gpu")
     if gpus is not None and gpus.addresses:
         env.setdefault("CUDA_VISIBLE_DEVICES", ",".join(gpus.addresses))
-    env = {**runtime.rank_env(single_host), **env}
-    return iter(launch_rank(spec, rank, rows, env))
+    runtime_env = runtime.rank_env(single_host)
+    return iter(launch_rank(spec, rank, rows, {**runtime_env, **env}, runtime_env))
 
 
 def _hub_connect(spec: TaskSpec, rank: int, host: str) -> socket.socket:
@@ -95,8 +95,17 @@ def _hub_connect(spec: TaskSpec, rank: int, host: str) -> socket.socket:
     return sock
 
 
-def launch_rank(spec: TaskSpec, rank: int, rows: Iterable, env: dict[str, str]) -> list:
-    """Runs rank ``rank`` to completion and returns what it produced (run mode)."""
+def launch_rank(
+    spec: TaskSpec,
+    rank: int,
+    rows: Iterable,
+    env: dict[str, str],
+    runtime_env: dict[str, str],
+) -> list:
+    """Runs rank ``rank`` to completion and returns what it produced (run mode).
+
+    ``env`` is added to the rank's environment; ``runtime_env`` (the MPI library's part of it)
+    is what this worker's next pre-started interpreter is started with."""
     host = socket.gethostname()
     control = _hub_connect(spec, rank, host)
     try:
@@ -137,7 +146,7 @@ def launch_rank(spec: TaskSpec, rank: int, rows: Iterable, env: dict[str, str]) 
         return RankSupervisor(spec, rank, host, proc, ours, control).run(rows)
     finally:
         if spec.prestart:
-            request_spare(command)
+            request_spare(command, runtime_env)
 
 
 class RankSupervisor:

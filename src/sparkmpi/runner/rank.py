@@ -121,11 +121,12 @@ def main() -> None:
     spare = "--spare" in sys.argv
     _die_with_parent()
     if spare:
-        from sparkmpi.runner.spare import preload, wait_for_job
+        from sparkmpi.runner.spare import ensure_mpi_initialized, preload, wait_for_job
 
         _set_name(SPARE_NAME)
         preload()
         wait_for_job()
+        ensure_mpi_initialized()
     _set_name(PROCESS_NAME)
     rank = int(os.environ.get("PMI_RANK", "0"))
     chan = socket.socket(fileno=int(os.environ["SPARKMPI_CHANNEL_FD"]))

@@ -17,14 +17,17 @@ import queue
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _LENGTH = struct.Struct("!Q")
 SPARE_FD_VARIABLE = "SPARKMPI_SPARE_FD"
-# Read by the interpreter or the dynamic loader at start-up: a spare cannot honour them later.
-_STARTUP_VARIABLES = ("PYTHON", "LD_", "MPI4PY_RC")
+# Read when the interpreter starts or the MPI library loads: a spare cannot honour a change.
+_STARTUP_VARIABLES = ("PYTHON", "LD_", "MPI4PY")
+START_DELAY_S = 0.2
+"""A new spare starts this long after a rank ends, once its job has wound down."""
 
 
 @dataclass
@@ -33,6 +36,7 @@ class Spare:
 
     proc: subprocess.Popen
     sock: socket.socket
+    env: dict[str, str] = field(default_factory=dict)
 
     def close(self) -> None:
         self.sock.close()  # the spare sees EOF and exits
@@ -48,14 +52,13 @@ class Spare:
 
 _spare: Spare | None = None
 _lock = threading.Lock()
-_requests: queue.SimpleQueue[list[str]] = queue.SimpleQueue()
+_requests: queue.SimpleQueue[tuple[list[str], dict[str, str]]] = queue.SimpleQueue()
 _keeper: threading.Thread | None = None
-START_DELAY_S = 0.2
-"""A new spare starts this long after a rank ends, once its job has wound down."""
 
 
-def request_spare(command: list[str]) -> None:
-    """Asks for a spare running ``command --spare`` to be started soon in this worker.
+def request_spare(command: list[str], startup_env: dict[str, str]) -> None:
+    """Asks for a spare running ``command --spare`` to be started soon in this worker, with
+    ``startup_env`` (the MPI runtime's variables) added to the worker's environment.
 
     Spares are started by one long-lived thread: a child's ``PR_SET_PDEATHSIG`` fires when
     the *thread* that started it ends, and this one lasts as long as the worker.
@@ -65,31 +68,34 @@ def request_spare(command: list[str]) -> None:
         if _keeper is None:
             _keeper = threading.Thread(target=_keep, name="sparkmpi-spares", daemon=True)
             _keeper.start()
-    _requests.put(command)
+    _requests.put((command, startup_env))
 
 
 def _keep() -> None:
     global _spare
     while True:
-        command = _requests.get()
+        command, startup_env = _requests.get()
         time.sleep(START_DELAY_S)
         with _lock:
-            if _spare is None or _spare.proc.poll() is not None:
-                _spare = _spawn(command)
+            if _spare is not None and _spare.proc.poll() is None:
+                if not _needs_fresh_interpreter(_spare.env, {**os.environ, **startup_env}):
+                    continue
+                _spare.close()
+            _spare = _spawn(command, startup_env)
 
 
-def _spawn(command: list[str]) -> Spare | None:
+def _spawn(command: list[str], startup_env: dict[str, str]) -> Spare | None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    env = {
-        **os.environ,
+    env = {**os.environ, **startup_env, "PYTHONUNBUFFERED": "1"}
+    spawn_env = {
+        **env,
         SPARE_FD_VARIABLE: str(theirs.fileno()),
         "SPARKMPI_PARENT_PID": str(os.getpid()),
-        "PYTHONUNBUFFERED": "1",
     }
     try:
         proc = subprocess.Popen(
             [*command, "--spare"],
-            env=env,
+            env=spawn_env,
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -101,15 +107,13 @@ def _spawn(command: list[str]) -> Spare | None:
         return None
     finally:
         theirs.close()
-    return Spare(proc, ours)
+    return Spare(proc, ours, env)
 
 
-def _needs_fresh_interpreter(env: dict[str, str]) -> bool:
+def _needs_fresh_interpreter(started_with: dict[str, str], env: dict[str, str]) -> bool:
     return any(
-        key.startswith(_STARTUP_VARIABLES)
-        and key != "PYTHONUNBUFFERED"
-        and env.get(key) != os.environ.get(key)
-        for key in set(env) | set(os.environ)
+        key.startswith(_STARTUP_VARIABLES) and env.get(key) != started_with.get(key)
+        for key in set(env) | set(started_with)
     )
 
 
@@ -121,7 +125,7 @@ def take_spare(env: dict[str, str], fds: tuple[int, int]) -> subprocess.Popen | 
         spare, _spare = _spare, None
     if spare is None:
         return None
-    if spare.proc.poll() is not None or _needs_fresh_interpreter(env):
+    if spare.proc.poll() is not None or _needs_fresh_interpreter(spare.env, env):
         spare.close()
         return None
     payload = json.dumps(env).encode()
@@ -157,7 +161,20 @@ def wait_for_job() -> None:
 
 
 def preload() -> None:
-    """Imports that every rank pays for anyway, done while the spare waits."""
-    for module in ("cloudpickle", "numpy", "mpi4py"):
+    """Loads, while the spare waits, what every rank loads anyway: the MPI library (not yet
+    initialised: ``MPI_Init`` needs the job's ``PMI_FD``), cloudpickle and numpy."""
+    for module in ("cloudpickle", "numpy"):
         with contextlib.suppress(ImportError):
             __import__(module)
+    import mpi4py
+
+    mpi4py.rc.initialize = False
+    mpi4py.rc.finalize = False
+    from mpi4py import MPI  # noqa: F401
+
+
+def ensure_mpi_initialized() -> None:
+    """Initialises MPI if this process preloaded it uninitialised (a spare)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and not mpi.Is_initialized():
+        mpi.Init_thread(mpi.THREAD_MULTIPLE)
