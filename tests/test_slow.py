@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,21 +37,38 @@ def test_mpich_is_the_default(spark):
     assert all("MPICH" in lib and total == 3.0 for _, lib, total in out)
 
 
+def library_sum_and_gpus(comm, rows):
+    import os
+
+    for rank, library, total in library_and_sum(comm, rows):
+        yield rank, library, total, os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
 @pytest.mark.timeout(420)
-def test_standalone_cluster_runs_a_two_rank_job(tmp_path):
-    cluster = StandaloneCluster(tmp_path, workers=2, cores=1).start()
+def test_standalone_cluster_runs_a_two_rank_job_with_spark_assigned_gpus(tmp_path):
+    discovery = tmp_path / "gpus.sh"
+    discovery.write_text('#!/bin/sh\necho \'{"name": "gpu", "addresses": ["0"]}\'\n')
+    discovery.chmod(0o755)
+    cluster = StandaloneCluster(tmp_path, workers=2, cores=1)
+    cluster.env["SPARK_WORKER_OPTS"] = (
+        "-Dspark.worker.resource.gpu.amount=1 "
+        f"-Dspark.worker.resource.gpu.discoveryScript={discovery}"
+    )
+    cluster.start()
     code = f"""
 import sys
-sys.path.insert(0, {str(__file__.rsplit("/", 1)[0])!r})
-from test_slow import library_and_sum
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_slow import library_sum_and_gpus
 from sparkmpi import run_mpi
 from pyspark.sql import SparkSession
 spark = (SparkSession.builder.master({cluster.url!r}).appName("standalone test")
          .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
          .config("spark.executor.cores", "1").config("spark.executor.memory", "512m")
          .config("spark.cores.max", "2").config("spark.pyspark.python", sys.executable)
+         .config("spark.executor.resource.gpu.amount", "1")
+         .config("spark.task.resource.gpu.amount", "1")
          .config("spark.ui.enabled", "false").getOrCreate())
-out = run_mpi(spark, library_and_sum, ranks=2, output=None).collect()
+out = run_mpi(spark, library_sum_and_gpus, ranks=2, output=None).collect()
 print("RESULT", out)
 spark.stop()
 """
@@ -66,7 +84,9 @@ spark.stop()
         cluster.stop()
     assert done.returncode == 0, done.stderr[-4000:]
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT"))
-    assert "(0, 'MPICH" in line and "(1, 'MPICH" in line and "3.0" in line
+    out = eval(line[len("RESULT ") :])
+    assert [(r, total, gpus) for r, _, total, gpus in out] == [(0, 3.0, "0"), (1, 3.0, "0")]
+    assert all(lib.startswith("MPICH") for _, lib, _, _ in out)
 
 
 def test_bench_launch_quick(tmp_path):
