@@ -16,7 +16,6 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
 
 from sparkmpi.pmi.job import AbortRequest, JobRefused, PMIJob, Reply
 from sparkmpi.pmi.protocol import (
@@ -26,6 +25,7 @@ from sparkmpi.pmi.protocol import (
     format_command,
     parse_command,
 )
+from sparkmpi.pmi.threaded import ServerThread
 
 log = logging.getLogger(__name__)
 
@@ -49,58 +49,24 @@ class PMIServer:
         self._on_abort: dict[str, AbortCallback] = {}
         self._on_lost: dict[str, LostCallback] = {}
         self._writers: dict[str, dict[int, asyncio.StreamWriter]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.base_events.Server | None = None
-        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._thread = ServerThread(self._serve, host, port, MAX_LINE, "sparkmpi-pmi")
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> PMIServer:
         """Starts listening (idempotent); returns ``self`` once the port is bound."""
         with self._lock:
-            if self._thread is not None:
-                return self
-            ready: Future[None] = Future()
-            self._thread = threading.Thread(
-                target=self._run, args=(ready,), name="sparkmpi-pmi", daemon=True
-            )
-            self._thread.start()
-            ready.result(timeout=30)
+            if not self._thread.running:
+                self._thread.start()
+                self.port = self._thread.port
         return self
-
-    def _run(self, ready: Future[None]) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            self._server = loop.run_until_complete(
-                asyncio.start_server(self._serve, self.host, self.port, limit=MAX_LINE)
-            )
-            self.port = self._server.sockets[0].getsockname()[1]
-        except BaseException as exc:
-            ready.set_exception(exc)
-            return
-        ready.set_result(None)
-        loop.run_forever()
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
 
     def stop(self) -> None:
         """Closes every connection and stops the server thread."""
-        with self._lock:
-            loop, thread = self._loop, self._thread
-            if loop is None or thread is None:
-                return
-            self._thread = None
-
-        async def shutdown() -> None:
-            for job_id in list(self._jobs):
-                self._drop_job(job_id)
-            if self._server is not None:
-                self._server.close()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
+        if not self._thread.running:
+            return
+        self._thread.run(lambda: [self._drop_job(job_id) for job_id in list(self._jobs)])
+        self._thread.stop()
 
     def __enter__(self) -> PMIServer:
         return self.start()
@@ -139,15 +105,7 @@ class PMIServer:
 
     def close_job(self, job_id: str) -> None:
         """Ends a job: its connections are closed and no rank may join it any more."""
-        loop = self._loop
-        if loop is None or not loop.is_running():
-            self._jobs.pop(job_id, None)
-            return
-
-        async def close() -> None:
-            self._drop_job(job_id)
-
-        asyncio.run_coroutine_threadsafe(close(), loop).result(timeout=10)
+        self._thread.run(lambda: self._drop_job(job_id))
 
     def _drop_job(self, job_id: str) -> None:
         with self._lock:

@@ -78,16 +78,31 @@ def ensure_slots(sc, ranks: int, wait: float | None = None) -> None:
         time.sleep(0.5)
 
 
+def _setting(conf, name: str) -> str | None:
+    """``spark.sparkmpi.<name>`` from the Spark conf, else ``SPARKMPI_<NAME>`` from the env."""
+    return conf.get(f"spark.sparkmpi.{name}") or os.environ.get(
+        "SPARKMPI_" + name.upper().replace(".", "_")
+    )
+
+
 def hub_for(sc, pmi_host: str | None = None) -> DriverHub:
-    """The driver's hub, bound where this context's executors can reach it."""
+    """The driver's hub, bound where this context's executors can reach it.
+
+    Address: ``pmi_host``, else ``spark.sparkmpi.pmi.host`` / ``SPARKMPI_PMI_HOST``, else
+    loopback in local mode and ``spark.driver.host`` on a cluster. Ports (default: any free
+    one): ``spark.sparkmpi.pmi.port`` / ``SPARKMPI_PMI_PORT`` and ``spark.sparkmpi.control.port``
+    / ``SPARKMPI_CONTROL_PORT``.
+    """
     conf = sc.getConf()
-    host = pmi_host or conf.get("spark.sparkmpi.pmi.host") or os.environ.get("SPARKMPI_PMI_HOST")
+    host = pmi_host or _setting(conf, "pmi.host")
     if not host:
         if sc.master.startswith("local"):
             host = "127.0.0.1"
         else:
             host = conf.get("spark.driver.host") or socket.gethostbyname(socket.gethostname())
-    return get_hub(host)
+    pmi_port = int(_setting(conf, "pmi.port") or 0)
+    control_port = int(_setting(conf, "control.port") or 0)
+    return get_hub(host, pmi_port, control_port)
 
 
 _EXCEPTION_LINE = re.compile(r"^\s*(?:[\w.]+\.)?\w+(?:Error|Exception|Failed|Aborted): .+")

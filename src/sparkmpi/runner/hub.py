@@ -16,10 +16,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from sparkmpi.pmi import AbortRequest, PMIJob, PMIServer
+from sparkmpi.pmi.threaded import ServerThread
 from sparkmpi.runner.frames import Kind, Parts, decode, encode, read_parts, write_parts
 
 log = logging.getLogger(__name__)
@@ -70,53 +70,35 @@ class JobState:
 class DriverHub:
     """PMI server and control listener of this driver, each on its own thread."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, advertise: str | None = None):
-        self.pmi = PMIServer(host, port, advertise)
-        self.host, self.advertise = host, advertise or host
-        self.port = 0
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        pmi_port: int = 0,
+        control_port: int = 0,
+        advertise: str | None = None,
+    ):
+        self.pmi = PMIServer(host, pmi_port, advertise)
+        self.advertise = advertise or host
         self.jobs: dict[str, JobState] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._thread = ServerThread(self._serve, host, control_port, STREAM_LIMIT, "sparkmpi-hub")
 
     def start(self) -> DriverHub:
         """Starts both listeners; returns ``self``."""
         self.pmi.start()
-        ready: Future[None] = Future()
-        self._thread = threading.Thread(
-            target=self._run, args=(ready,), name="sparkmpi-hub", daemon=True
-        )
         self._thread.start()
-        ready.result(timeout=30)
         return self
 
-    def _run(self, ready: Future[None]) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            server = loop.run_until_complete(
-                asyncio.start_server(self._serve, self.host, 0, limit=STREAM_LIMIT)
-            )
-            self.port = server.sockets[0].getsockname()[1]
-        except BaseException as exc:
-            ready.set_exception(exc)
-            return
-        ready.set_result(None)
-        loop.run_forever()
-
     def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            if self._thread is not None:
-                self._thread.join(timeout=10)
+        self._thread.stop()
         self.pmi.stop()
 
     @property
     def address(self) -> tuple[str, int]:
-        return self.advertise, self.port
+        """Where tasks open their control link."""
+        return self.advertise, self._thread.port
 
     def _call(self, fn: Callable[[], None]) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(fn)
+        self._thread.call(fn)
 
     # -- jobs -------------------------------------------------------------------------------
     def create_job(self, size: int, output: OutputSink | None = print_prefixed) -> JobState:
@@ -251,11 +233,13 @@ _hubs: dict[str, DriverHub] = {}
 _hubs_lock = threading.Lock()
 
 
-def get_hub(host: str = "127.0.0.1", advertise: str | None = None) -> DriverHub:
+def get_hub(
+    host: str = "127.0.0.1", pmi_port: int = 0, control_port: int = 0, advertise: str | None = None
+) -> DriverHub:
     """The hub of this driver process bound to ``host`` (started on first use)."""
-    key = f"{host}|{advertise}"
+    key = f"{host}|{pmi_port}|{control_port}|{advertise}"
     with _hubs_lock:
         hub = _hubs.get(key)
         if hub is None:
-            hub = _hubs[key] = DriverHub(host, 0, advertise).start()
+            hub = _hubs[key] = DriverHub(host, pmi_port, control_port, advertise).start()
         return hub
