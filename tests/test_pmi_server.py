@@ -105,6 +105,23 @@ def test_names_are_shared_between_jobs(server):
     sb.close()
 
 
+def test_a_rank_that_disconnects_before_finalize_is_reported():
+    lost = []
+    with PMIServer() as server:
+        job = server.create_job(2, on_lost=lambda job_id, rank: lost.append(rank))
+        finished = connect_rank(server.address, job.job_id, job.secret, 0, "h")
+        finished.sendall(b"cmd=finalize\n")
+        assert finished.makefile("rb").readline().startswith(b"cmd=finalize_ack")
+        finished.close()
+        connect_rank(server.address, job.job_id, job.secret, 1, "h").close()
+        import time
+
+        deadline = time.monotonic() + 5
+        while not lost and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert lost == [1]
+
+
 def test_abort_is_reported():
     seen = []
     with PMIServer() as server:

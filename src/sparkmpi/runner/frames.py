@@ -46,10 +46,6 @@ class Parts:
     data: bytes | bytearray | memoryview
     buffers: list
 
-    @property
-    def nbytes(self) -> int:
-        return len(self.data) + sum(memoryview(b).nbytes for b in self.buffers)
-
 
 def encode(obj: object) -> Parts:
     """``obj`` pickled with protocol 5, large contiguous buffers kept out of band."""

@@ -14,7 +14,6 @@ import json
 import logging
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -51,7 +50,6 @@ class JobState:
     results_done: threading.Event = field(default_factory=threading.Event)
     links: dict[int, asyncio.StreamWriter] = field(default_factory=dict)
     closed: bool = False
-    failed_at: float | None = None
     changed: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -140,7 +138,6 @@ class DriverHub:
         job.failures.append(report)
         if job.failed.is_set():
             return
-        job.failed_at = time.monotonic()
         job.failed.set()
         job.changed.set()
         job.results_done.set()

@@ -139,6 +139,10 @@ def launch_rank(
                 stderr=subprocess.PIPE,
                 start_new_session=True,
             )
+    except BaseException:
+        ours.close()
+        control.close()
+        raise
     finally:
         pmi_sock.close()
         theirs.close()
