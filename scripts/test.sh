@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
-"$PYTHON" -m ruff check src tests
+"$PYTHON" -m ruff check src tests examples
 "$PYTHON" -m pytest -m "not slow" "$@"
 "$PYTHON" -m pytest -m slow "$@"

@@ -122,3 +122,36 @@ def test_scripts_also_run_in_prestarted_interpreters(spark, tmp_path, captured):
     sums = [line for _, _, line in captured.lines if "sum 3 args ['x']" in line]
     assert len(sums) == 4
     assert (0, "stdout", f"argv0 {script}") in captured.lines
+
+
+def test_readme_python_examples_run():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    blocks = re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S)
+    assert blocks
+    code = "\n".join(blocks) + "\nspark.stop()\n"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=240, cwd=root
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[(0, array([28., 28., 28.])), (1, array([28., 28., 28.]))]" in done.stdout
+    assert "[0, 1, 2, 3]" in done.stdout
+
+
+def test_examples_run():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = spark_mpi("run", "--np", "2", str(root / "examples" / "hello_mpi.py"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[rank 1] rank 1 of 2: Allreduce gave 3" in done.stdout
+    done = subprocess.run(
+        [sys.executable, str(root / "examples" / "rdd_allreduce.py")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 1: [4950. 4950. 4950.]" in done.stdout

@@ -154,3 +154,14 @@ def test_startup_variables_get_a_fresh_interpreter(spark):
     time.sleep(1.5)
     out = run_mpi(spark, _interpreters, ranks=2, env={"PYTHONPATH": "/opt/extra"}, output=None)
     assert all(not spare and "/opt/extra" in path for spare, path in out.collect())
+
+
+@pytest.mark.parametrize("ranks", [0, -2, 1.5])
+def test_bad_rank_counts_are_refused(spark, ranks):
+    with pytest.raises(ValueError, match="ranks must be a positive integer"):
+        run_mpi(spark, lambda comm, rows: [], ranks=ranks)
+
+
+def test_non_callable_is_refused(spark):
+    with pytest.raises(TypeError, match="must be callable"):
+        run_mpi(spark, "not a function", ranks=1)

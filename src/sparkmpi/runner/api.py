@@ -11,7 +11,13 @@ from sparkmpi.runner.functions import dumps_function
 from sparkmpi.runner.hub import OutputSink, print_prefixed
 
 
+def _check_ranks(ranks: int | None) -> None:
+    if ranks is not None and (not isinstance(ranks, int) or ranks < 1):
+        raise ValueError(f"ranks must be a positive integer, got {ranks!r}")
+
+
 def _rdd_for(data, ranks: int | None):
+    _check_ranks(ranks)
     if hasattr(data, "mapPartitions") and hasattr(data, "getNumPartitions"):
         rdd = data
     elif hasattr(data, "rdd") and hasattr(data, "schema"):
@@ -22,6 +28,8 @@ def _rdd_for(data, ranks: int | None):
         return spark_context(data).parallelize([], ranks)
     if ranks is not None and ranks != rdd.getNumPartitions():
         rdd = rdd.repartition(ranks)
+    if rdd.getNumPartitions() < 1:
+        raise ValueError("an RDD with no partitions has no ranks to run")
     return rdd
 
 
@@ -90,6 +98,7 @@ def run_script(
         source = path.read_text()
     except OSError as exc:
         raise FileNotFoundError(f"cannot read MPI script {path}: {exc.strerror}") from None
+    _check_ranks(ranks)
     rdd = spark_context(spark).parallelize([], ranks)
     body = {"mode": "script", "script": (str(path), source, list(args or []))}
     job = BarrierJob(rdd, "script", body, runtime=runtime, env=env, output=output)

@@ -33,6 +33,8 @@ class MPISession:
         pmi_host: str | None = None,
         start_timeout: float = 120.0,
     ):
+        if not isinstance(ranks, int) or ranks < 1:
+            raise ValueError(f"ranks must be a positive integer, got {ranks!r}")
         rdd = spark_context(spark).parallelize([], ranks)
         self.ranks = ranks
         self._released = False
