@@ -16,13 +16,19 @@ RANK_NAME = "sparkmpi-rank"  # set by the rank process itself (spares are "spark
 
 
 def start_ranks(
-    server: PMIServer, size: int, program: str, runtime: str = "mpich"
+    server: PMIServer,
+    size: int,
+    program: str,
+    runtime: str = "mpich",
+    hosts: list[str] | None = None,
 ) -> list[subprocess.Popen]:
-    """``size`` Python processes running ``program``, admitted as one job of ``server``."""
+    """``size`` Python processes running ``program``, admitted as one job of ``server``
+    (rank ``r`` claiming to run on ``hosts[r]``, default this host)."""
     job = server.create_job(size)
     procs = []
     for rank in range(size):
-        sock = connect_rank(server.address, job.job_id, job.secret, rank, socket.gethostname())
+        host = hosts[rank] if hosts else socket.gethostname()
+        sock = connect_rank(server.address, job.job_id, job.secret, rank, host)
         env = {**os.environ, **get_runtime(runtime).rank_env()}
         env.update(PMI_FD=str(sock.fileno()), PMI_RANK=str(rank), PMI_SIZE=str(size))
         procs.append(

@@ -29,6 +29,19 @@ def test_mpich_ranks_join_and_allreduce(server, size):
     assert sorted(outs) == sorted(f"{r} {size} {total}\n" for r in range(size))
 
 
+def test_ranks_on_one_host_share_memory_and_others_exchange_addresses(server):
+    one_host = start_ranks(server, 2, ALLREDUCE, hosts=["a", "a"])
+    (job_a,) = server._jobs.values()
+    assert sorted(finish(one_host)) == ["0 2 3\n", "1 2 3\n"]
+    assert job_a.mapping() == "(vector,(0,1,2))"
+    assert job_a.kvs == {}  # shared memory: no network addresses needed
+    two_hosts = start_ranks(server, 2, ALLREDUCE, hosts=["a", "b"])
+    job_b = next(j for j in server._jobs.values() if j is not job_a)
+    assert sorted(finish(two_hosts)) == ["0 2 3\n", "1 2 3\n"]
+    assert job_b.mapping() == "(vector,(0,2,1))"
+    assert job_b.kvs  # the network module's addresses went through put/barrier/get
+
+
 def test_two_jobs_at_once_keep_their_own_spaces(server):
     a = start_ranks(server, 2, ALLREDUCE)
     b = start_ranks(server, 3, ALLREDUCE)

@@ -143,7 +143,7 @@ def _interpreters(comm, rows):
 
 
 def test_later_jobs_use_prestarted_interpreters(spark):
-    run_mpi(spark, _interpreters, ranks=2, output=None).collect()
+    run_mpi(spark, _interpreters, ranks=4, output=None).collect()  # every worker gets a spare
     time.sleep(1.5)  # spares start shortly after a job ends
     warm = run_mpi(spark, _interpreters, ranks=2, output=None).collect()
     assert any(spare for spare, _ in warm)
