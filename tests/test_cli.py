@@ -155,3 +155,32 @@ def test_examples_run():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 1: [4950. 4950. 4950.]" in done.stdout
+
+
+def test_ctrl_c_on_the_driver_stops_the_ranks():
+    code = textwrap.dedent(
+        """
+        import os, signal, threading, time, psutil
+        from sparkmpi import run_mpi
+        from sparkmpi.runner.context import spark_session
+        spark = spark_session(cores=2)
+        def spin(comm, rows):
+            while True:
+                comm.Barrier()
+        threading.Timer(4, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        try:
+            run_mpi(spark, spin, ranks=2, output=None)
+        except KeyboardInterrupt:
+            print("INTERRUPTED")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and [
+            p for p in psutil.Process().children(recursive=True) if p.name() == "sparkmpi-rank"
+        ]:
+            time.sleep(0.1)
+        print("LEFT", [p.pid for p in psutil.Process().children(recursive=True)
+                       if p.name() == "sparkmpi-rank"])
+        spark.stop()
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert "INTERRUPTED" in done.stdout and "LEFT []" in done.stdout, done.stderr[-3000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -172,6 +173,11 @@ class BarrierJob:
             value = action(self.rdd)
         except Exception as exc:
             error = exc
+        except BaseException:  # KeyboardInterrupt & co.: stop the ranks, then let it through
+            self.hub.fail(state, {"rank": None, "reason": "interrupted on the driver"})
+            with contextlib.suppress(Exception):  # py4j may be mid-call in this very thread
+                sc.cancelJobGroup(self.group)
+            raise
         finally:
             finished.set()
             state.changed.set()
