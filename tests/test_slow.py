@@ -119,3 +119,41 @@ def test_bench_launch_quick(tmp_path):
         assert key in data
     assert data["ranks"] == 2 and out_png.stat().st_size > 1000
     assert "Spark job / mpiexec" in done.stdout
+
+
+def test_bench_allreduce_quick(tmp_path):
+    out_json, out_png = tmp_path / "allreduce.json", tmp_path / "allreduce.png"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sparkmpi.cli",
+            "bench",
+            "allreduce",
+            "--quick",
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out_json.read_text())["results"]
+    assert [r["ranks"] for r in results] == [1, 2]
+    fields = (
+        "ranks",
+        "size",
+        "collect_s",
+        "tree_reduce_s",
+        "mpi_allreduce_s",
+        "mpi_end_to_end_s",
+        "mpiexec_allreduce_s",
+    )
+    for row in results:
+        assert all(isinstance(row[f], (int, float)) and row[f] > 0 for f in fields)
+        assert row["sums_agree"] is True
+    assert out_png.stat().st_size > 1000
+    assert "driver-worker ÷ Spark-MPI" in done.stdout and "Spark-MPI ÷ mpiexec" in done.stdout

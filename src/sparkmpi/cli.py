@@ -37,6 +37,12 @@ def _cmd_bench_launch(args: argparse.Namespace) -> int:
     return bench_launch(args)
 
 
+def _cmd_bench_allreduce(args: argparse.Namespace) -> int:
+    from sparkmpi.bench.allreduce import main as bench_allreduce
+
+    return bench_allreduce(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spark-mpi", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--json", help="write the figures as JSON here")
     launch.add_argument("--plot", help="write a PNG plot here")
     launch.set_defaults(func=_cmd_bench_launch)
+    allreduce = bench_sub.add_parser(
+        "allreduce", help="sum of arrays: Spark collect/treeReduce vs MPI Allreduce (Table I)"
+    )
+    allreduce.add_argument("--ranks", default="1,2,4,8", help="comma-separated rank counts")
+    allreduce.add_argument("--size", type=int, default=2_000_000, help="float32 per rank")
+    allreduce.add_argument("--repeat", type=int, default=10)
+    allreduce.add_argument("--master", help="Spark master URL (default local[max ranks])")
+    allreduce.add_argument("--quick", action="store_true", help="small arrays, N = 1, 2")
+    allreduce.add_argument("--json", help="write the results as JSON here")
+    allreduce.add_argument("--plot", help="write a PNG plot here")
+    allreduce.set_defaults(func=_cmd_bench_allreduce)
     return parser
 
 
