@@ -44,17 +44,25 @@ def library_sum_and_gpus(comm, rows):
         yield rank, library, total, os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
-@pytest.mark.timeout(420)
-def test_standalone_cluster_runs_a_two_rank_job_with_spark_assigned_gpus(tmp_path):
-    discovery = tmp_path / "gpus.sh"
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A standalone master and two 1-core workers on loopback, each with one (pretend) GPU."""
+    workdir = tmp_path_factory.mktemp("standalone")
+    discovery = workdir / "gpus.sh"
     discovery.write_text('#!/bin/sh\necho \'{"name": "gpu", "addresses": ["0"]}\'\n')
     discovery.chmod(0o755)
-    cluster = StandaloneCluster(tmp_path, workers=2, cores=1)
+    cluster = StandaloneCluster(workdir, workers=2, cores=1)
     cluster.env["SPARK_WORKER_OPTS"] = (
         "-Dspark.worker.resource.gpu.amount=1 "
         f"-Dspark.worker.resource.gpu.discoveryScript={discovery}"
     )
     cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.timeout(420)
+def test_standalone_cluster_runs_a_two_rank_job_with_spark_assigned_gpus(cluster):
     code = f"""
 import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
@@ -72,16 +80,9 @@ out = run_mpi(spark, library_sum_and_gpus, ranks=2, output=None).collect()
 print("RESULT", out)
 spark.stop()
 """
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", code],
-            env=cluster.env,
-            capture_output=True,
-            text=True,
-            timeout=360,
-        )
-    finally:
-        cluster.stop()
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=cluster.env, capture_output=True, text=True, timeout=360
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT"))
     out = eval(line[len("RESULT ") :])
@@ -121,8 +122,14 @@ def test_bench_launch_quick(tmp_path):
     assert "Spark job / mpiexec" in done.stdout
 
 
-def test_bench_allreduce_quick(tmp_path):
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("where", ["local", "standalone"])
+def test_bench_allreduce_quick(tmp_path, where, request):
     out_json, out_png = tmp_path / "allreduce.json", tmp_path / "allreduce.png"
+    master, env = [], None
+    if where == "standalone":
+        cluster = request.getfixturevalue("cluster")
+        master, env = ["--master", cluster.url], cluster.env
     done = subprocess.run(
         [
             sys.executable,
@@ -131,6 +138,7 @@ def test_bench_allreduce_quick(tmp_path):
             "bench",
             "allreduce",
             "--quick",
+            *master,
             "--json",
             str(out_json),
             "--plot",
@@ -139,6 +147,7 @@ def test_bench_allreduce_quick(tmp_path):
         capture_output=True,
         text=True,
         timeout=400,
+        env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out_json.read_text())["results"]
