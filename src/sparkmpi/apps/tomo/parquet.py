@@ -1,0 +1,136 @@
+"""The Parquet stage: one row per detector row (slice), holding that slice's sinogram.
+
+Columns: ``slice`` (int32) and ``sinogram`` (binary, the little-endian float32 bytes of an
+(n_angles, n_cols) array). The schema metadata key ``sparkmpi.tomo`` holds JSON with
+``angles_deg``, ``n_angles``, ``n_rows``, ``n_cols`` and ``source``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from sparkmpi.apps.tomo.io import TiltSeries, TomoInputError, _reason, atomic_output
+
+METADATA_KEY = b"sparkmpi.tomo"
+MAX_ROWS_PER_GROUP = 16
+MAX_GROUP_BYTES = 64 << 20
+_FLOAT32_LE = np.dtype("<f4")
+
+
+def _schema(meta: dict):
+    import pyarrow as pa
+
+    return pa.schema(
+        [("slice", pa.int32()), ("sinogram", pa.binary())],
+        metadata={METADATA_KEY: json.dumps(meta).encode()},
+    )
+
+
+def write_parquet(series: TiltSeries, path: str | os.PathLike) -> None:
+    """Writes ``series`` atomically as one Parquet file with one row per slice, in slice order.
+
+    Row groups hold at most 16 slices (fewer when that would exceed ~64 MB) so that Spark can
+    split the file across tasks.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n_angles, n_rows, n_cols = series.projections.shape
+    meta = {
+        "angles_deg": [float(a) for a in series.angles_deg],
+        "n_angles": int(n_angles),
+        "n_rows": int(n_rows),
+        "n_cols": int(n_cols),
+        "source": str(series.source),
+    }
+    schema = _schema(meta)
+    row_bytes = n_angles * n_cols * _FLOAT32_LE.itemsize
+    per_group = max(1, min(MAX_ROWS_PER_GROUP, MAX_GROUP_BYTES // max(row_bytes, 1)))
+    with atomic_output(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for start in range(0, n_rows, per_group):
+            rows = range(start, min(start + per_group, n_rows))
+            sinograms = [series.sinogram(r).astype(_FLOAT32_LE, copy=False).tobytes() for r in rows]
+            table = pa.Table.from_arrays(
+                [pa.array(list(rows), pa.int32()), pa.array(sinograms, pa.binary())],
+                schema=schema,
+            )
+            writer.write_table(table, row_group_size=per_group)
+
+
+def _parquet_file(path: Path) -> Path:
+    if path.is_dir():
+        parts = sorted(p for p in path.glob("*.parquet") if not p.name.startswith((".", "_")))
+        if not parts:
+            raise TomoInputError(f"{path}: directory holds no .parquet part files")
+        return parts[0]
+    if not path.is_file():
+        raise TomoInputError(f"{path}: no such file")
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The tilt-series metadata (``angles_deg``, ``n_angles``, ``n_rows``, ``n_cols``,
+    ``source``) of a Parquet file written by :func:`write_parquet`, or of a directory of part
+    files; anything else raises :class:`TomoInputError`."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    part = _parquet_file(path)
+    try:
+        schema = pq.read_schema(part)
+    except Exception as exc:
+        raise TomoInputError(f"{part}: not a readable Parquet file ({_reason(exc)})") from None
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise TomoInputError(f"{path}: not a spark-mpi tilt series (no sparkmpi.tomo metadata)")
+    try:
+        meta = json.loads(raw)
+        for key in ("n_angles", "n_rows", "n_cols"):
+            meta[key] = int(meta[key])
+        meta["angles_deg"] = [float(a) for a in meta["angles_deg"]]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise TomoInputError(f"{path}: corrupt sparkmpi.tomo metadata ({_reason(exc)})") from None
+    meta.setdefault("source", path.name)
+    return meta
+
+
+def decode_sinogram(data: bytes | bytearray | memoryview, n_angles: int, n_cols: int) -> np.ndarray:
+    """The writable float32 (n_angles, n_cols) sinogram encoded in ``data``; a byte count
+    that does not match the shape raises ValueError."""
+    expected = n_angles * n_cols * _FLOAT32_LE.itemsize
+    got = memoryview(data).nbytes
+    if got != expected:
+        raise ValueError(
+            f"sinogram of {n_angles} x {n_cols} float32 needs {expected} bytes, got {got}"
+        )
+    array = np.frombuffer(data, dtype=_FLOAT32_LE).reshape(n_angles, n_cols)
+    return array.astype(np.float32, copy=True)
+
+
+def read_parquet(path: str | os.PathLike) -> TiltSeries:
+    """The whole tilt series stored by :func:`write_parquet` (a file or directory of parts),
+    slices in order; missing or duplicated slices raise :class:`TomoInputError`."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        table = pq.read_table(path, columns=["slice", "sinogram"])
+    except Exception as exc:
+        raise TomoInputError(f"{path}: not a readable Parquet file ({_reason(exc)})") from None
+    slices = np.asarray(table.column("slice").to_numpy(), dtype=np.int64)
+    order = np.argsort(slices, kind="stable")
+    if not np.array_equal(slices[order], np.arange(meta["n_rows"])):
+        raise TomoInputError(
+            f"{path}: {len(slices)} rows do not hold each of slices 0..{meta['n_rows'] - 1} once"
+        )
+    blobs = table.column("sinogram").to_pylist()
+    n_angles, n_cols = meta["n_angles"], meta["n_cols"]
+    projections = np.empty((n_angles, meta["n_rows"], n_cols), dtype=np.float32)
+    for row, i in enumerate(order):
+        projections[:, row, :] = decode_sinogram(blobs[i], n_angles, n_cols)
+    return TiltSeries(projections, np.asarray(meta["angles_deg"]), meta["source"])
