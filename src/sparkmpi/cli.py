@@ -43,6 +43,12 @@ def _cmd_bench_allreduce(args: argparse.Namespace) -> int:
     return bench_allreduce(args)
 
 
+def _cmd_bench_tomo(args: argparse.Namespace) -> int:
+    from sparkmpi.bench.tomo import main as bench_tomo
+
+    return bench_tomo(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spark-mpi", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="versions of Spark, Java, MPI and the PMI server address")
     info.set_defaults(func=_cmd_info)
+
+    from sparkmpi.apps.tomo.cli import add_commands as add_tomo_commands
+
+    add_tomo_commands(sub)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -81,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     allreduce.add_argument("--json", help="write the results as JSON here")
     allreduce.add_argument("--plot", help="write a PNG plot here")
     allreduce.set_defaults(func=_cmd_bench_allreduce)
+    tomo = bench_sub.add_parser("tomo", help="ART iteration time on 256³: workers vs textbook loop")
+    tomo.add_argument("--size", type=int, default=256, help="volume edge (256)")
+    tomo.add_argument("--workers", default="1,2", help="comma-separated worker counts (1,2)")
+    tomo.add_argument("--iterations", type=int, default=3, help="ART iterations timed (3)")
+    tomo.add_argument("--textbook-slices", type=int, default=2, help="slices of the slow loop")
+    tomo.add_argument("--json", help="write the figures as JSON here")
+    tomo.add_argument("--plot", help="write a PNG plot here")
+    tomo.set_defaults(func=_cmd_bench_tomo)
     return parser
 
 
@@ -89,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "np", 1) < 1:
         print("spark-mpi run: --np must be at least 1", file=sys.stderr)
         return 2
+    if args.command == "tomo":
+        from sparkmpi.apps.tomo.cli import run as run_tomo
+
+        return run_tomo(args)
     return int(args.func(args) or 0)
 
 
