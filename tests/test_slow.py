@@ -1,4 +1,4 @@
-"""Heavy tests (CI's second step): Intel MPI, a real standalone cluster, the launch benchmark."""
+"""Heavy tests (CI's second step): Intel MPI, a real standalone cluster, the benchmarks."""
 
 from __future__ import annotations
 
@@ -166,3 +166,39 @@ def test_bench_allreduce_quick(tmp_path, where, request):
         assert row["sums_agree"] is True
     assert out_png.stat().st_size > 1000
     assert "driver-worker ÷ Spark-MPI" in done.stdout and "Spark-MPI ÷ mpiexec" in done.stdout
+
+
+BENCH_TOMO = [sys.executable, "-m", "sparkmpi.cli", "bench", "tomo", "--size", "48"]
+BENCH_TOMO += ["--textbook-slices", "1"]
+
+
+def test_bench_tomo_small(tmp_path):
+    out_json, out_png = tmp_path / "tomo.json", tmp_path / "tomo.png"
+    done = subprocess.run(
+        [*BENCH_TOMO, "--json", str(out_json), "--plot", str(out_png)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out_json.read_text())
+    assert data["shape"] == [48, 48, 48] and set(data["art_iteration_s"]) == {"1", "2"}
+    assert data["textbook_iteration_s"] > 0 and all(v > 0 for v in data["art_iteration_s"].values())
+    assert out_png.stat().st_size > 1000
+
+
+@pytest.mark.timeout(300)
+def test_tomo_reconstruct_on_the_standalone_cluster(cluster, tmp_path):
+    from sparkmpi.apps.tomo.volume import read_volume
+
+    tif, out = tmp_path / "tilt.tif", tmp_path / "volume.npy"
+    cli = [sys.executable, "-m", "sparkmpi.cli", "tomo"]
+    simulate = [*cli, "simulate", str(tif), "--size", "32", "--phantom", str(tmp_path / "p.npy")]
+    done = subprocess.run(simulate, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reconstruct = [*cli, "reconstruct", str(tif), str(out), "--master", cluster.url, "--ranks", "2"]
+    done = subprocess.run(reconstruct, capture_output=True, text=True, timeout=240, env=cluster.env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    phantom, volume = np.load(tmp_path / "p.npy"), read_volume(out)
+    assert volume.shape == phantom.shape == (32, 32, 32)
+    assert np.corrcoef(volume.ravel(), phantom.ravel())[0, 1] > 0.8
