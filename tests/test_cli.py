@@ -124,7 +124,7 @@ def test_scripts_also_run_in_prestarted_interpreters(spark, tmp_path, captured):
     assert (0, "stdout", f"argv0 {script}") in captured.lines
 
 
-def test_readme_python_examples_run():
+def test_readme_python_examples_run(tmp_path):
     import re
     from pathlib import Path
 
@@ -133,9 +133,10 @@ def test_readme_python_examples_run():
     assert blocks
     code = "\n".join(blocks) + "\nspark.stop()\n"
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=240, cwd=root
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=240, cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "(16, 64, 64)" in done.stdout and (tmp_path / "volume.png").exists()
     assert "[(0, array([28., 28., 28.])), (1, array([28., 28., 28.]))]" in done.stdout
     assert "[0, 1, 2, 3]" in done.stdout
 
