@@ -67,3 +67,14 @@ def rank_processes() -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             pass
     return found
+
+
+def spark_mpi(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """The ``spark-mpi`` command run with ``args`` (no stdin), its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "sparkmpi.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )

@@ -8,6 +8,8 @@ import textwrap
 
 import pytest
 
+from helpers import spark_mpi
+
 SCRIPT = textwrap.dedent(
     """
     import sys
@@ -25,16 +27,6 @@ SCRIPT = textwrap.dedent(
         print("gathered", gathered)
     """
 )
-
-
-def spark_mpi(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sparkmpi.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def test_run_script_like_mpiexec(tmp_path):

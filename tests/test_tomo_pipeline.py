@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import ARTIFACTS
+from helpers import spark_mpi
 from sparkmpi.apps.tomo.algorithms import rmse
 from sparkmpi.apps.tomo.io import TiltSeries, write_tiff_series
 from sparkmpi.apps.tomo.parquet import write_parquet
@@ -19,16 +18,6 @@ from sparkmpi.apps.tomo.pipeline import ReconSettings, reconstruct
 from sparkmpi.apps.tomo.volume import read_volume
 
 TOOTH = Path(__file__).resolve().parents[2] / "shared" / "data" / "tooth.h5"
-
-
-def spark_mpi(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sparkmpi.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 @pytest.fixture(scope="module")
