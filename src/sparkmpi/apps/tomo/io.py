@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from sparkmpi.apps.files import InputFileError, atomic_output, reason
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
@@ -18,35 +18,8 @@ SIDECAR_SUFFIXES = (".rawtlt", ".tlt")
 _MIN_TRANSMISSION = 1e-6
 
 
-class TomoInputError(ValueError):
-    """An input file that cannot be used; the message is one line naming the file."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
-
-
-def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary path beside ``path`` (parents created) to write to.
-
-    On a clean exit the temporary file replaces ``path`` in one rename; on an exception it is
-    removed and ``path`` is untouched, so a failed write leaves no partial or stray file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # keep the real suffix last: some writers pick or append one from the name
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+class TomoInputError(InputFileError):
+    """A tilt series or scan that cannot be used; the message is one line naming the file."""
 
 
 @dataclass
@@ -67,7 +40,7 @@ class TiltSeries:
             self.projections = np.asarray(self.projections, dtype=np.float32)
             self.angles_deg = np.asarray(self.angles_deg, dtype=np.float64).reshape(-1)
         except (TypeError, ValueError) as exc:
-            raise TomoInputError(f"{name}: not numeric data ({_reason(exc)})") from None
+            raise TomoInputError(f"{name}: not numeric data ({reason(exc)})") from None
         if self.projections.ndim != 3 or 0 in self.projections.shape:
             raise TomoInputError(
                 f"{name}: projections must be a non-empty (n_angles, n_rows, n_cols) stack, "
@@ -120,7 +93,7 @@ def _read_angles_file(path: Path) -> np.ndarray:
     try:
         return np.array([float(word) for word in path.read_text().split()], dtype=np.float64)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise TomoInputError(f"{path}: not a list of tilt angles ({_reason(exc)})") from None
+        raise TomoInputError(f"{path}: not a list of tilt angles ({reason(exc)})") from None
 
 
 def _check_exists(path: Path) -> None:
@@ -149,7 +122,7 @@ def read_tiff_series(
             pages = [page.asarray() for page in tif.pages]
             description = tif.pages[0].description if len(tif.pages) else ""
     except Exception as exc:
-        raise TomoInputError(f"{path}: not a readable TIFF ({_reason(exc)})") from None
+        raise TomoInputError(f"{path}: not a readable TIFF ({reason(exc)})") from None
     finally:
         quiet.setLevel(level)
     if not pages:
@@ -210,7 +183,7 @@ def read_dxchange(path: str | os.PathLike) -> TiltSeries:
     try:
         f = h5py.File(path, "r")
     except Exception as exc:
-        raise TomoInputError(f"{path}: not a readable HDF5 file ({_reason(exc)})") from None
+        raise TomoInputError(f"{path}: not a readable HDF5 file ({reason(exc)})") from None
     names = ("data", "data_white", "data_dark", "theta")
     with f:
         for name in names:
@@ -222,7 +195,7 @@ def read_dxchange(path: str | os.PathLike) -> TiltSeries:
             try:
                 arrays[name] = f[key][...]
             except Exception as exc:
-                raise TomoInputError(f"{path}: cannot read {key} ({_reason(exc)})") from None
+                raise TomoInputError(f"{path}: cannot read {key} ({reason(exc)})") from None
     data, white, dark, theta = (arrays[k] for k in ("data", "data_white", "data_dark", "theta"))
     if data.ndim != 3:
         raise TomoInputError(f"{path}: /exchange/data must be 3-D, got shape {data.shape}")

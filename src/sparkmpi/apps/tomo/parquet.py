@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sparkmpi.apps.tomo.io import TiltSeries, TomoInputError, _reason, atomic_output
+from sparkmpi.apps.files import atomic_output, reason
+from sparkmpi.apps.tomo.io import TiltSeries, TomoInputError
 
 METADATA_KEY = b"sparkmpi.tomo"
 MAX_ROWS_PER_GROUP = 16
@@ -83,7 +84,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     try:
         schema = pq.read_schema(part)
     except Exception as exc:
-        raise TomoInputError(f"{part}: not a readable Parquet file ({_reason(exc)})") from None
+        raise TomoInputError(f"{part}: not a readable Parquet file ({reason(exc)})") from None
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise TomoInputError(f"{path}: not a spark-mpi tilt series (no sparkmpi.tomo metadata)")
@@ -93,7 +94,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
             meta[key] = int(meta[key])
         meta["angles_deg"] = [float(a) for a in meta["angles_deg"]]
     except (ValueError, TypeError, KeyError) as exc:
-        raise TomoInputError(f"{path}: corrupt sparkmpi.tomo metadata ({_reason(exc)})") from None
+        raise TomoInputError(f"{path}: corrupt sparkmpi.tomo metadata ({reason(exc)})") from None
     meta.setdefault("source", path.name)
     return meta
 
@@ -121,7 +122,7 @@ def read_parquet(path: str | os.PathLike) -> TiltSeries:
     try:
         table = pq.read_table(path, columns=["slice", "sinogram"])
     except Exception as exc:
-        raise TomoInputError(f"{path}: not a readable Parquet file ({_reason(exc)})") from None
+        raise TomoInputError(f"{path}: not a readable Parquet file ({reason(exc)})") from None
     slices = np.asarray(table.column("slice").to_numpy(), dtype=np.int64)
     order = np.argsort(slices, kind="stable")
     if not np.array_equal(slices[order], np.arange(meta["n_rows"])):
