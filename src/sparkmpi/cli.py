@@ -1,9 +1,12 @@
-"""The ``spark-mpi`` command: ``run``, ``info`` and ``bench``."""
+"""The ``spark-mpi`` command: ``run``, ``info``, the apps (``tomo``, ``ptycho``) and ``bench``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+APPS = {"tomo": "sparkmpi.apps.tomo.cli", "ptycho": "sparkmpi.apps.ptycho.cli"}
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -49,6 +52,12 @@ def _cmd_bench_tomo(args: argparse.Namespace) -> int:
     return bench_tomo(args)
 
 
+def _cmd_bench_ptycho(args: argparse.Namespace) -> int:
+    from sparkmpi.bench.ptycho import main as bench_ptycho
+
+    return bench_ptycho(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spark-mpi", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,9 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions of Spark, Java, MPI and the PMI server address")
     info.set_defaults(func=_cmd_info)
 
+    from sparkmpi.apps.ptycho.cli import add_commands as add_ptycho_commands
     from sparkmpi.apps.tomo.cli import add_commands as add_tomo_commands
 
     add_tomo_commands(sub)
+    add_ptycho_commands(sub)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -99,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     tomo.add_argument("--json", help="write the figures as JSON here")
     tomo.add_argument("--plot", help="write a PNG plot here")
     tomo.set_defaults(func=_cmd_bench_tomo)
+    ptycho = bench_sub.add_parser("ptycho", help="ptychography solver: 1 and 2 ranks vs FFT bound")
+    ptycho.add_argument("--frames", type=int, default=512, help="diffraction frames (512)")
+    ptycho.add_argument("--size", type=int, default=128, help="frame edge (128)")
+    ptycho.add_argument("--iterations", type=int, default=100, help="solver iterations (100)")
+    ptycho.add_argument("--ranks", default="1,2", help="comma-separated rank counts (1,2)")
+    ptycho.add_argument("--algorithm", choices=("raar", "dm"), default="raar")
+    ptycho.add_argument("--quick", action="store_true", help="64 frames of 64², 10 iterations")
+    ptycho.add_argument("--json", help="write the figures as JSON here")
+    ptycho.add_argument("--plot", help="write a PNG plot here")
+    ptycho.set_defaults(func=_cmd_bench_ptycho)
     return parser
 
 
@@ -107,10 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "np", 1) < 1:
         print("spark-mpi run: --np must be at least 1", file=sys.stderr)
         return 2
-    if args.command == "tomo":
-        from sparkmpi.apps.tomo.cli import run as run_tomo
-
-        return run_tomo(args)
+    if args.command in APPS:
+        return importlib.import_module(APPS[args.command]).run(args)
     return int(args.func(args) or 0)
 
 

@@ -59,6 +59,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from sparkmpi.apps.tomo.pipeline import ReconSettings, reconstruct
     from sparkmpi.apps.tomo.volume import FORMATS, save_orthoslices_png, write_volume
     from sparkmpi.runner.context import spark_session
+    from sparkmpi.runner.progress import IterationProgress
 
     settings = ReconSettings(
         args.algorithm,
@@ -80,9 +81,11 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
             write_parquet(series, parquet)
         spark = spark_session(args.master, cores=args.ranks, app_name="spark-mpi tomo")
         try:
-            volume, record = reconstruct(
-                spark, parquet, settings, ranks=args.ranks, engine=args.engine
-            )
+            iterations = 1 if settings.algorithm == "fbp" else settings.iterations
+            with IterationProgress(settings.algorithm.upper(), iterations) as progress:
+                volume, record = reconstruct(
+                    spark, parquet, settings, ranks=args.ranks, engine=args.engine, output=progress
+                )
         finally:
             spark.stop()
     write_volume(volume, args.output, metadata=record)

@@ -146,13 +146,16 @@ def reconstruct(
     *,
     ranks: int = 2,
     engine: str = "mpi",
+    output=None,
 ) -> tuple[np.ndarray, dict]:
     """The volume (nz, n, n) reconstructed from a Parquet tilt series, and a record of the run.
 
     ``ranks`` partitions of contiguous slices are reconstructed in parallel, as MPI ranks
-    (``engine="mpi"``) or as plain Spark tasks (``engine="spark"``).
+    (``engine="mpi"``) or as plain Spark tasks (``engine="spark"``). ``output`` receives the
+    ranks' output lines (default: printed with a ``[rank N]`` prefix).
     """
     from sparkmpi import run_mpi
+    from sparkmpi.runner.hub import print_prefixed
 
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
@@ -174,7 +177,8 @@ def reconstruct(
         volume = np.stack([image for _, image in pairs])
         compute_s = None
     else:
-        ((_, volume, compute_s),) = run_mpi(rdd, partial(_mpi_rank, meta, settings)).collect()
+        fn = partial(_mpi_rank, meta, settings)
+        ((_, volume, compute_s),) = run_mpi(rdd, fn, output=output or print_prefixed).collect()
     record = {
         "engine": engine,
         "ranks": ranks,
