@@ -1,0 +1,132 @@
+"""Difference map (Thibault) and RAAR (Luke) with object and probe refinement, frames split
+over MPI ranks as in SHARP: every rank keeps the exit waves of its own frames, and each
+iteration the partial sums of the object and probe updates are combined with
+``MPI_Allreduce``, so any number of ranks computes the same iterates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from sparkmpi.apps.ptycho.backends import BACKENDS, make_backend
+
+ALGORITHMS = ("raar", "dm")
+REGULARISATION = 1e-3  # of the largest update denominator: keeps unlit pixels at their value
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """What to run: algorithm, iterations, RAAR's β, when probe refinement starts (None:
+    never), the array backend and its FFT threads."""
+
+    algorithm: str = "raar"
+    iterations: int = 100
+    beta: float = 0.75
+    probe_start: int | None = 10
+    backend: str = "cpu"
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be raar or dm, not {self.algorithm!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.iterations < 1 or not 0 < self.beta <= 1 or self.threads < 1:
+            raise ValueError("iterations and threads must be >= 1 and beta in (0, 1]")
+
+
+@dataclass
+class Reconstruction:
+    """The solver's result: object, probe and the normalised Fourier error per iteration."""
+
+    object: np.ndarray
+    probe: np.ndarray
+    errors: list[float]
+    illumination: np.ndarray  # Σ_j |P|² over the windows: where the object is well determined
+
+
+def _allreduce(comm, array: np.ndarray) -> np.ndarray:
+    if comm is not None and comm.size > 1:
+        from mpi4py import MPI
+
+        comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM)
+    return array
+
+
+def _update(numerator: np.ndarray, denominator: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    delta = REGULARISATION * float(denominator.max()) + 1e-30
+    return ((numerator + delta * previous) / (denominator + delta)).astype(np.complex64)
+
+
+def solve(
+    amplitudes: np.ndarray,
+    positions: np.ndarray,
+    object_shape: tuple[int, int],
+    probe: np.ndarray,
+    settings: SolverSettings = SolverSettings(),
+    comm=None,
+    progress: Callable[[int, float], None] | None = None,
+) -> Reconstruction:
+    """Reconstructs object and probe from this rank's frames.
+
+    ``amplitudes`` (frames, n, n) are the measured Fourier amplitudes in FFT order,
+    ``positions`` (frames, 2) the integer window corners; ``comm`` (an mpi4py communicator,
+    or None alone) joins the ranks, every one of which must call this with its own frames
+    (possibly none). Every rank returns the same object and probe. ``progress(i, error)``
+    runs after iteration i.
+    """
+    amplitudes = np.asarray(amplitudes, dtype=np.float32)
+    n = probe.shape[0]
+    amplitudes = amplitudes.reshape(-1, n, n)
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1, 2)
+    if len(positions) != len(amplitudes):
+        raise ValueError(f"{len(amplitudes)} frames but {len(positions)} positions")
+    if len(positions) and (
+        positions.min() < 0 or (positions.max(axis=0) + n > np.asarray(object_shape)).any()
+    ):
+        raise ValueError(f"frame windows of {n}x{n} fall outside the object {object_shape}")
+    backend = make_backend(
+        settings.backend, amplitudes, positions, object_shape, settings.algorithm, settings.threads
+    )
+    obj = np.ones(object_shape, dtype=np.complex64)
+    probe = np.asarray(probe, dtype=np.complex64).copy()
+    beta = settings.beta if settings.algorithm == "raar" else 1.0
+    total = _allreduce(comm, np.array([float(np.sum(amplitudes.astype(np.float64) ** 2))]))[0]
+    backend.start(probe, obj)
+    obj_den = _allreduce(comm, backend.illumination(probe))
+    errors: list[float] = []
+    for i in range(settings.iterations):
+        obj_num, err = backend.fourier_pass(probe, obj, beta)
+        obj_num = _allreduce(comm, obj_num)
+        err = _allreduce(comm, np.array([err]))[0]
+        obj = _update(obj_num, obj_den, obj)
+        if settings.probe_start is not None and i >= settings.probe_start:
+            probe_num, probe_den = backend.probe_sums(obj)
+            probe = _update(_allreduce(comm, probe_num), _allreduce(comm, probe_den), probe)
+            obj_den = _allreduce(comm, backend.illumination(probe))
+        errors.append(float(err / max(total, 1e-30)))
+        if progress is not None:
+            progress(i, errors[-1])
+    return Reconstruction(obj, probe, errors, obj_den.astype(np.float32))
+
+
+def phase_error(
+    estimate: np.ndarray, truth: np.ndarray, weight: np.ndarray, remove_ramp: bool = False
+) -> float:
+    """RMS phase difference (radians) of two complex images where ``weight`` > 0, after
+    removing the best global phase offset (and linear ramp when ``remove_ramp``)."""
+    mask = weight > 0
+    diff = np.angle(estimate * np.conj(truth))
+    offset = np.angle(np.sum(weight[mask] * np.exp(1j * diff[mask])))
+    diff = np.angle(np.exp(1j * (diff - offset)))
+    if remove_ramp:
+        y, x = np.nonzero(mask)
+        design = np.column_stack([np.ones_like(y), y, x]).astype(np.float64)
+        w = np.sqrt(weight[mask])
+        coef, *_ = np.linalg.lstsq(design * w[:, None], diff[mask] * w, rcond=None)
+        diff = diff.copy()
+        diff[mask] -= design @ coef
+    return float(np.sqrt(np.average(diff[mask] ** 2, weights=weight[mask])))
