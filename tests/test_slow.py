@@ -202,3 +202,37 @@ def test_tomo_reconstruct_on_the_standalone_cluster(cluster, tmp_path):
     phantom, volume = np.load(tmp_path / "p.npy"), read_volume(out)
     assert volume.shape == phantom.shape == (32, 32, 32)
     assert np.corrcoef(volume.ravel(), phantom.ravel())[0, 1] > 0.8
+
+
+@pytest.mark.timeout(300)
+def test_ptycho_one_two_and_four_ranks_agree(spark):
+    from sparkmpi.apps.ptycho.pipeline import reconstruct
+    from sparkmpi.apps.ptycho.simulate import simulate
+    from sparkmpi.apps.ptycho.solver import SolverSettings
+
+    scan = simulate(64, 64)
+    settings = SolverSettings("raar", 20)
+    runs = {
+        r: reconstruct(spark, scan, settings, ranks=r, output=lambda *a: None)[0] for r in (1, 2, 4)
+    }
+    lit = runs[1].illumination > 0.5 * runs[1].illumination.max()
+    for r in (2, 4):
+        np.testing.assert_allclose(runs[r].object[lit], runs[1].object[lit], atol=1e-4)
+        np.testing.assert_allclose(runs[r].errors, runs[1].errors, rtol=1e-4)
+
+
+def test_bench_ptycho_quick(tmp_path):
+    out_json, out_png = tmp_path / "ptycho.json", tmp_path / "ptycho.png"
+    command = [sys.executable, "-m", "sparkmpi.cli", "bench", "ptycho", "--quick"]
+    done = subprocess.run(
+        [*command, "--json", str(out_json), "--plot", str(out_png)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out_json.read_text())
+    assert (data["frames"], data["frame_size"], data["iterations"]) == (64, 64, 10)
+    assert set(data["seconds"]) == {"1", "2"} and data["fft_bound_s"] > 0
+    assert all(e < 0.2 for e in data["phase_error_rad"].values())
+    assert out_png.stat().st_size > 1000
