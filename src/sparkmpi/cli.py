@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-APPS = {"tomo": "sparkmpi.apps.tomo.cli", "ptycho": "sparkmpi.apps.ptycho.cli"}
+APPS = ("tomo", "ptycho")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -58,6 +58,18 @@ def _cmd_bench_ptycho(args: argparse.Namespace) -> int:
     return bench_ptycho(args)
 
 
+def _run_app(args: argparse.Namespace) -> int:
+    """Runs an app command; bad input or a failed job ends in one line on stderr, status 1."""
+    from sparkmpi.apps.files import InputFileError
+    from sparkmpi.runner import MPIJobError
+
+    try:
+        return int(args.func(args) or 0)
+    except (InputFileError, MPIJobError, ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"spark-mpi {args.command} {getattr(args, args.command)}: {exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spark-mpi", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,11 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions of Spark, Java, MPI and the PMI server address")
     info.set_defaults(func=_cmd_info)
 
-    from sparkmpi.apps.ptycho.cli import add_commands as add_ptycho_commands
-    from sparkmpi.apps.tomo.cli import add_commands as add_tomo_commands
-
-    add_tomo_commands(sub)
-    add_ptycho_commands(sub)
+    for app in APPS:
+        importlib.import_module(f"sparkmpi.apps.{app}.cli").add_commands(sub)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -129,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print("spark-mpi run: --np must be at least 1", file=sys.stderr)
         return 2
     if args.command in APPS:
-        return importlib.import_module(APPS[args.command]).run(args)
+        return _run_app(args)
     return int(args.func(args) or 0)
 
 

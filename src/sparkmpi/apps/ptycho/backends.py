@@ -30,7 +30,7 @@ class CPUBackend:
         self.threads = threads
         self.chunk = chunk
         self.psi = np.empty(self.amp.shape, dtype=np.complex64)
-        self.phi = np.empty_like(self.psi) if algorithm == "raar" else self.psi
+        self.w = np.empty_like(self.psi) if algorithm == "raar" else self.psi
         self.buf = np.empty((min(chunk, max(len(self.amp), 1)), *self.amp.shape[1:]), np.complex64)
         self.first = True
 
@@ -54,7 +54,7 @@ class CPUBackend:
                 kernels.dm_prepare(self.psi, probe, obj, self.pos, start, stop, buf)
             else:
                 kernels.raar_prepare(
-                    self.psi, self.phi, probe, obj, self.pos, start, stop, beta, self.first, buf
+                    self.psi, self.w, probe, obj, self.pos, start, stop, beta, self.first, buf
                 )
             ft = scipy.fft.fft2(buf, norm="ortho", overwrite_x=True, workers=self.threads)
             err += kernels.modulus(ft, self.amp, start)
@@ -62,7 +62,7 @@ class CPUBackend:
             if self.algorithm == "dm":
                 kernels.dm_finish(self.psi, probe, obj, self.pos, start, stop, back, obj_num)
             else:
-                kernels.raar_finish(self.psi, self.phi, probe, self.pos, start, stop, back, obj_num)
+                kernels.raar_finish(self.psi, self.w, probe, self.pos, start, stop, back, obj_num)
         self.first = False
         return obj_num, err
 
@@ -76,14 +76,9 @@ class CPUBackend:
         """Σ_j conj(O_j) w_j and Σ_j |O_j|² (the probe update), w_j the overlap target."""
         n = self.amp.shape[1:]
         num, den = np.zeros(n, np.complex128), np.zeros(n, np.float64)
-        a, b, ca, cb = self._overlap_target()
-        kernels.probe_sums(a, b, ca, cb, _c64(obj), self.pos, num, den)
+        target = self.psi if self.algorithm == "dm" else self.w  # the overlap target
+        kernels.probe_sums(target, _c64(obj), self.pos, num, den)
         return num, den
-
-    def _overlap_target(self):
-        if self.algorithm == "dm":
-            return self.psi, self.psi, 1.0, 0.0
-        return self.phi, self.psi, 2.0, -1.0
 
     def exit_waves(self) -> np.ndarray:
         return self.psi

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -107,15 +106,3 @@ def add_commands(sub) -> None:
     rec.add_argument("--ranks", type=int, default=2, help="MPI ranks / partitions (2)")
     rec.add_argument("--master", help="Spark master URL (default local[RANKS])")
     rec.set_defaults(func=cmd_reconstruct)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Runs a parsed ``ptycho`` command; bad input ends in one line on stderr, exit status 1."""
-    from sparkmpi.apps.files import InputFileError
-    from sparkmpi.runner import MPIJobError
-
-    try:
-        return args.func(args)
-    except (InputFileError, MPIJobError, ValueError, RuntimeError) as exc:
-        print(f"spark-mpi ptycho {args.ptycho}: {exc}", file=sys.stderr)
-        return 1

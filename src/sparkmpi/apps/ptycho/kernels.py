@@ -23,20 +23,24 @@ def dm_prepare(psi, probe, obj, pos, start, stop, buf):
 
 
 @numba.njit(cache=True, fastmath=True)
-def raar_prepare(psi, phi, probe, obj, pos, start, stop, beta, first, buf):
-    """ψ_j ← β ψ_j + β P·O_j + (1 - 2β) φ_j (skipped on the first pass); buf = ψ_j."""
+def raar_prepare(psi, w, probe, obj, pos, start, stop, beta, first, buf):
+    """ψ_j <- ψ_j/2 + β P·O_j + (1/2 - β) w_j (skipped on the first pass); buf = ψ_j.
+
+    With w = 2φ - ψ (φ the last Fourier projection) this is RAAR's
+    β ψ + β P·O + (1 - 2β) φ, stored so the probe pass reads w alone."""
     n = probe.shape[0]
     beta = np.float32(beta)
-    rest = np.float32(1) - 2 * beta
+    half = np.float32(0.5)
+    rest = half - beta
     for f in range(start, stop):
         y0, x0 = pos[f, 0], pos[f, 1]
         for i in range(n):
             for k in range(n):
                 if not first:
                     psi[f, i, k] = (
-                        beta * psi[f, i, k]
+                        half * psi[f, i, k]
                         + beta * probe[i, k] * obj[y0 + i, x0 + k]
-                        + rest * phi[f, i, k]
+                        + rest * w[f, i, k]
                     )
                 buf[f - start, i, k] = psi[f, i, k]
 
@@ -76,16 +80,16 @@ def dm_finish(psi, probe, obj, pos, start, stop, buf, obj_num):
 
 
 @numba.njit(cache=True, fastmath=True)
-def raar_finish(psi, phi, probe, pos, start, stop, buf, obj_num):
-    """φ_j = Π_F(ψ_j), and obj_num += conj(P) (2φ_j - ψ_j) at frame j's window."""
+def raar_finish(psi, w, probe, pos, start, stop, buf, obj_num):
+    """w_j = 2 Π_F(ψ_j) - ψ_j, and obj_num += conj(P) w_j at frame j's window."""
     n = probe.shape[0]
     for f in range(start, stop):
         y0, x0 = pos[f, 0], pos[f, 1]
         for i in range(n):
             for k in range(n):
-                z = buf[f - start, i, k]
-                phi[f, i, k] = z
-                obj_num[y0 + i, x0 + k] += np.conj(probe[i, k]) * (2 * z - psi[f, i, k])
+                z = 2 * buf[f - start, i, k] - psi[f, i, k]
+                w[f, i, k] = z
+                obj_num[y0 + i, x0 + k] += np.conj(probe[i, k]) * z
 
 
 @numba.njit(cache=True, fastmath=True)
@@ -101,15 +105,15 @@ def illumination(probe, pos, obj_den):
 
 
 @numba.njit(cache=True, fastmath=True)
-def probe_sums(a, b, ca, cb, obj, pos, probe_num, probe_den):
-    """probe_num += conj(O_j) w_j and probe_den += |O_j|² with w_j = ca·a_j + cb·b_j."""
+def probe_sums(target, obj, pos, probe_num, probe_den):
+    """probe_num += conj(O_j) target_j and probe_den += |O_j|² over every frame."""
     n = probe_num.shape[0]
     for f in range(pos.shape[0]):
         y0, x0 = pos[f, 0], pos[f, 1]
         for i in range(n):
             for k in range(n):
                 o = obj[y0 + i, x0 + k]
-                probe_num[i, k] += np.conj(o) * (ca * a[f, i, k] + cb * b[f, i, k])
+                probe_num[i, k] += np.conj(o) * target[f, i, k]
                 probe_den[i, k] += o.real * o.real + o.imag * o.imag
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -135,15 +134,3 @@ def add_commands(sub) -> None:
     rec.add_argument("--engine", choices=("mpi", "spark"), default="mpi")
     rec.add_argument("--master", help="Spark master URL (default local[RANKS])")
     rec.set_defaults(func=cmd_reconstruct)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Runs a parsed ``tomo`` command; bad input ends in one line on stderr, exit status 1."""
-    from sparkmpi.apps.tomo.io import TomoInputError
-    from sparkmpi.runner import MPIJobError
-
-    try:
-        return args.func(args)
-    except (TomoInputError, MPIJobError, ValueError, FileNotFoundError) as exc:
-        print(f"spark-mpi tomo {args.tomo}: {exc}", file=sys.stderr)
-        return 1
