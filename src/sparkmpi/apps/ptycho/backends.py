@@ -22,22 +22,30 @@ BACKENDS = ("cpu", "numpy", "cupy")
 class CPUBackend:
     """numba + scipy.fft on the host."""
 
-    def __init__(self, amp, pos, obj_shape, algorithm: str, threads: int = 1, chunk: int = 16):
-        self.amp = np.ascontiguousarray(amp, dtype=np.float32)
-        self.pos = np.ascontiguousarray(pos, dtype=np.int64)
+    def __init__(self, obj_shape, n: int, algorithm: str, threads: int = 1, chunk: int = 16):
         self.obj_shape = obj_shape
+        self.n = n
         self.algorithm = algorithm
         self.threads = threads
         self.chunk = chunk
-        self.psi = np.empty(self.amp.shape, dtype=np.complex64)
-        self.w = np.empty_like(self.psi) if algorithm == "raar" else self.psi
-        self.buf = np.empty((min(chunk, max(len(self.amp), 1)), *self.amp.shape[1:]), np.complex64)
-        self.first = True
+        self.amp = np.zeros((0, n, n), dtype=np.float32)
+        self.pos = np.zeros((0, 2), dtype=np.int64)
+        self.psi = self.w = np.zeros((0, n, n), dtype=np.complex64)
 
-    def start(self, probe, obj) -> None:
-        """Exit waves from the initial object and probe."""
-        kernels.exit_waves(_c64(probe), _c64(obj), self.pos, self.psi)
-        self.first = True
+    def add(self, amp, pos, probe, obj) -> None:
+        """Adds frames whose exit waves start as P·O_j (for RAAR also w_j = P·O_j, which
+        makes their first update the identity, as for a fresh start)."""
+        amp = np.ascontiguousarray(amp, dtype=np.float32)
+        pos = np.ascontiguousarray(pos, dtype=np.int64)
+        waves = np.empty(amp.shape, dtype=np.complex64)
+        kernels.exit_waves(_c64(probe), _c64(obj), pos, waves)
+        if len(self.amp):
+            amp = np.concatenate([self.amp, amp])
+            pos = np.concatenate([self.pos, pos])
+            waves = np.concatenate([self.psi, waves])
+        self.amp, self.pos, self.psi = amp, pos, waves
+        self.w = self.psi.copy() if self.algorithm == "raar" else self.psi
+        self.buf = np.empty((min(self.chunk, max(len(amp), 1)), *amp.shape[1:]), np.complex64)
 
     def fourier_pass(self, probe, obj, beta: float) -> tuple[np.ndarray, float]:
         """One Fourier-constraint pass; the object numerator of the next overlap projection
@@ -53,9 +61,7 @@ class CPUBackend:
             if self.algorithm == "dm":
                 kernels.dm_prepare(self.psi, probe, obj, self.pos, start, stop, buf)
             else:
-                kernels.raar_prepare(
-                    self.psi, self.w, probe, obj, self.pos, start, stop, beta, self.first, buf
-                )
+                kernels.raar_prepare(self.psi, self.w, probe, obj, self.pos, start, stop, beta, buf)
             ft = scipy.fft.fft2(buf, norm="ortho", overwrite_x=True, workers=self.threads)
             err += kernels.modulus(ft, self.amp, start)
             back = scipy.fft.ifft2(ft, norm="ortho", overwrite_x=True, workers=self.threads)
@@ -63,7 +69,6 @@ class CPUBackend:
                 kernels.dm_finish(self.psi, probe, obj, self.pos, start, stop, back, obj_num)
             else:
                 kernels.raar_finish(self.psi, self.w, probe, self.pos, start, stop, back, obj_num)
-        self.first = False
         return obj_num, err
 
     def illumination(self, probe) -> np.ndarray:
@@ -74,30 +79,37 @@ class CPUBackend:
 
     def probe_sums(self, obj) -> tuple[np.ndarray, np.ndarray]:
         """Σ_j conj(O_j) w_j and Σ_j |O_j|² (the probe update), w_j the overlap target."""
-        n = self.amp.shape[1:]
-        num, den = np.zeros(n, np.complex128), np.zeros(n, np.float64)
+        num = np.zeros((self.n, self.n), np.complex128)
+        den = np.zeros((self.n, self.n), np.float64)
         target = self.psi if self.algorithm == "dm" else self.w  # the overlap target
         kernels.probe_sums(target, _c64(obj), self.pos, num, den)
         return num, den
-
-    def exit_waves(self) -> np.ndarray:
-        return self.psi
 
 
 class ArrayBackend:
     """The same steps as array expressions over the whole stack, in ``xp`` (numpy or cupy)."""
 
-    def __init__(self, xp, amp, pos, obj_shape, algorithm: str):
+    def __init__(self, xp, obj_shape, n: int, algorithm: str):
         self.xp = xp
+        self.n = n
         self.algorithm = algorithm
         self.obj_shape = obj_shape
+        self.amp = self.index = self.psi = self.phi = None
+
+    def add(self, amp, pos, probe, obj) -> None:
+        xp = self.xp
         n = amp.shape[1]
-        self.amp = xp.asarray(np.ascontiguousarray(amp, dtype=np.float32))
         rows = pos[:, 0, None, None] + np.arange(n)[None, :, None]
         cols = pos[:, 1, None, None] + np.arange(n)[None, None, :]
-        self.index = xp.asarray((rows * obj_shape[1] + cols).astype(np.int64))
-        self.psi = self.phi = None
-        self.first = True
+        index = xp.asarray((rows * self.obj_shape[1] + cols).astype(np.int64))
+        amp = xp.asarray(np.ascontiguousarray(amp, dtype=np.float32))
+        waves = xp.asarray(_c64(probe))[None] * xp.asarray(_c64(obj)).ravel()[index]
+        if self.amp is not None:
+            amp = xp.concatenate([self.amp, amp])
+            index = xp.concatenate([self.index, index])
+            waves = xp.concatenate([self.psi, waves])
+        self.amp, self.index, self.psi = amp, index, waves
+        self.phi = self.psi.copy() if self.algorithm == "raar" else self.psi
 
     def _scatter(self, values, shape, dtype):
         xp = self.xp
@@ -116,20 +128,16 @@ class ArrayBackend:
     def _host(self, a):
         return a if self.xp is np else self.xp.asnumpy(a)
 
-    def start(self, probe, obj) -> None:
-        self.psi = self.xp.asarray(_c64(probe))[None] * self._views(obj)
-        self.phi = self.psi.copy() if self.algorithm == "raar" else self.psi
-        self.first = True
-
     def fourier_pass(self, probe, obj, beta: float):
         xp = self.xp
+        if self.amp is None:
+            return np.zeros(self.obj_shape, dtype=np.complex128), 0.0
         P = xp.asarray(_c64(probe))
         exit_wave = P[None] * self._views(obj)
         if self.algorithm == "dm":
             wave = 2 * exit_wave - self.psi
         else:
-            if not self.first:
-                self.psi = beta * self.psi + beta * exit_wave + (1 - 2 * beta) * self.phi
+            self.psi = beta * self.psi + beta * exit_wave + (1 - 2 * beta) * self.phi
             wave = self.psi
         ft = xp.fft.fft2(wave, norm="ortho")
         a = xp.abs(ft)
@@ -143,25 +151,25 @@ class ArrayBackend:
             self.phi = back
             target = 2 * back - self.psi
         obj_num = self._scatter(xp.conj(P)[None] * target, self.obj_shape, xp.complex128)
-        self.first = False
         return self._host(obj_num), err
 
     def illumination(self, probe) -> np.ndarray:
         xp = self.xp
+        if self.index is None:
+            return np.zeros(self.obj_shape, dtype=np.float64)
         weight = xp.abs(xp.asarray(_c64(probe))) ** 2
         full = xp.broadcast_to(weight[None], self.index.shape)
         return self._host(self._scatter(full, self.obj_shape, xp.float64))
 
     def probe_sums(self, obj):
         xp = self.xp
+        if self.amp is None:
+            return np.zeros((self.n, self.n), np.complex128), np.zeros((self.n, self.n))
         views = self._views(obj)
         target = self.psi if self.algorithm == "dm" else 2 * self.phi - self.psi
         num = xp.sum(xp.conj(views).astype(xp.complex128) * target, axis=0)
         den = xp.sum(xp.abs(views).astype(xp.float64) ** 2, axis=0)
         return self._host(num), self._host(den)
-
-    def exit_waves(self) -> np.ndarray:
-        return self._host(self.psi)
 
 
 def warm_up(name: str, algorithm: str) -> None:
@@ -169,10 +177,9 @@ def warm_up(name: str, algorithm: str) -> None:
     real iteration do not include it."""
     if name != "cpu":
         return
-    backend = CPUBackend(np.ones((1, 8, 8)), np.zeros((1, 2)), (8, 8), algorithm)
+    backend = CPUBackend((8, 8), 8, algorithm)
     probe, obj = np.ones((8, 8)), np.ones((8, 8))
-    backend.start(probe, obj)
-    backend.fourier_pass(probe, obj, 0.5)
+    backend.add(np.ones((1, 8, 8)), np.zeros((1, 2)), probe, obj)
     backend.fourier_pass(probe, obj, 0.5)
     backend.illumination(probe)
     backend.probe_sums(obj)
@@ -182,16 +189,16 @@ def _c64(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.complex64)
 
 
-def make_backend(name: str, amp, pos, obj_shape, algorithm: str, threads: int = 1):
-    """The backend called ``name`` over one rank's frames; a clear error if it cannot run."""
+def make_backend(name: str, obj_shape, n: int, algorithm: str, threads: int = 1):
+    """An empty backend called ``name`` for one rank's frames; a clear error if it cannot run."""
     if name == "cpu":
-        return CPUBackend(amp, pos, obj_shape, algorithm, threads)
+        return CPUBackend(obj_shape, n, algorithm, threads)
     if name == "numpy":
-        return ArrayBackend(np, amp, pos, obj_shape, algorithm)
+        return ArrayBackend(np, obj_shape, n, algorithm)
     if name == "cupy":
         try:
             import cupy
         except ImportError as exc:
             raise RuntimeError(f"backend 'cupy' needs the cupy package: {exc}") from None
-        return ArrayBackend(cupy, amp, pos, obj_shape, algorithm)
+        return ArrayBackend(cupy, obj_shape, n, algorithm)
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {name!r}")

@@ -23,8 +23,8 @@ def dm_prepare(psi, probe, obj, pos, start, stop, buf):
 
 
 @numba.njit(cache=True, fastmath=True)
-def raar_prepare(psi, w, probe, obj, pos, start, stop, beta, first, buf):
-    """ψ_j <- ψ_j/2 + β P·O_j + (1/2 - β) w_j (skipped on the first pass); buf = ψ_j.
+def raar_prepare(psi, w, probe, obj, pos, start, stop, beta, buf):
+    """ψ_j <- ψ_j/2 + β P·O_j + (1/2 - β) w_j; buf = ψ_j.
 
     With w = 2φ - ψ (φ the last Fourier projection) this is RAAR's
     β ψ + β P·O + (1 - 2β) φ, stored so the probe pass reads w alone."""
@@ -36,13 +36,13 @@ def raar_prepare(psi, w, probe, obj, pos, start, stop, beta, first, buf):
         y0, x0 = pos[f, 0], pos[f, 1]
         for i in range(n):
             for k in range(n):
-                if not first:
-                    psi[f, i, k] = (
-                        half * psi[f, i, k]
-                        + beta * probe[i, k] * obj[y0 + i, x0 + k]
-                        + rest * w[f, i, k]
-                    )
-                buf[f - start, i, k] = psi[f, i, k]
+                z = (
+                    half * psi[f, i, k]
+                    + beta * probe[i, k] * obj[y0 + i, x0 + k]
+                    + rest * w[f, i, k]
+                )
+                psi[f, i, k] = z
+                buf[f - start, i, k] = z
 
 
 @numba.njit(cache=True, fastmath=True)

@@ -61,12 +61,86 @@ def _update(numerator: np.ndarray, denominator: np.ndarray, previous: np.ndarray
     return ((numerator + delta * previous) / (denominator + delta)).astype(np.complex64)
 
 
+class Solver:
+    """One rank's share of a reconstruction that frames can join at any time (streaming).
+
+    :meth:`add_frames` is local to the rank; :meth:`iterate` is collective: every rank of
+    ``comm`` must call it, each with its own frames (possibly none), and all end with the same
+    object and probe.
+    """
+
+    def __init__(self, object_shape, probe, settings: SolverSettings | None = None, comm=None):
+        self.settings = settings or SolverSettings()
+        self.comm = comm
+        self.object_shape = tuple(int(v) for v in object_shape)
+        self.probe = np.asarray(probe, dtype=np.complex64).copy()
+        self.object = np.ones(self.object_shape, dtype=np.complex64)
+        self.backend = make_backend(
+            self.settings.backend,
+            self.object_shape,
+            self.probe.shape[0],
+            self.settings.algorithm,
+            self.settings.threads,
+        )
+        self.errors: list[float] = []
+        self.frames = 0
+        self._power = 0.0
+        self._illumination = np.zeros(self.object_shape, dtype=np.float64)
+
+    def add_frames(self, amplitudes: np.ndarray, positions: np.ndarray) -> None:
+        """Adds frames (measured amplitudes in FFT order, integer window corners) to this
+        rank's share; their exit waves start from the current object and probe."""
+        n = self.probe.shape[0]
+        amplitudes = np.asarray(amplitudes, dtype=np.float32).reshape(-1, n, n)
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1, 2)
+        if len(positions) != len(amplitudes):
+            raise ValueError(f"{len(amplitudes)} frames but {len(positions)} positions")
+        if len(positions) and (
+            positions.min() < 0 or (positions.max(axis=0) + n > np.asarray(self.object_shape)).any()
+        ):
+            raise ValueError(
+                f"frame windows of {n}x{n} fall outside the object {self.object_shape}"
+            )
+        self.backend.add(amplitudes, positions, self.probe, self.object)
+        self._power += float(np.sum(amplitudes.astype(np.float64) ** 2))
+        self.frames += len(amplitudes)
+
+    def iterate(
+        self, iterations: int, progress: Callable[[int, float], None] | None = None
+    ) -> Reconstruction:
+        """Runs ``iterations`` more iterations over every rank's frames; ``progress(i, error)``
+        after each (i counts from the first iteration ever)."""
+        comm, settings = self.comm, self.settings
+        beta = settings.beta if settings.algorithm == "raar" else 1.0
+        total = _allreduce(comm, np.array([self._power]))[0]
+        obj_den = _allreduce(comm, self.backend.illumination(self.probe))
+        for _ in range(iterations):
+            i = len(self.errors)
+            obj_num, err = self.backend.fourier_pass(self.probe, self.object, beta)
+            err = _allreduce(comm, np.array([err]))[0]
+            self.object = _update(_allreduce(comm, obj_num), obj_den, self.object)
+            if settings.probe_start is not None and i >= settings.probe_start:
+                num, den = self.backend.probe_sums(self.object)
+                self.probe = _update(_allreduce(comm, num), _allreduce(comm, den), self.probe)
+                obj_den = _allreduce(comm, self.backend.illumination(self.probe))
+            self.errors.append(float(err / max(total, 1e-30)))
+            if progress is not None:
+                progress(i, self.errors[-1])
+        self._illumination = obj_den
+        return self.result()
+
+    def result(self) -> Reconstruction:
+        return Reconstruction(
+            self.object, self.probe, list(self.errors), self._illumination.astype(np.float32)
+        )
+
+
 def solve(
     amplitudes: np.ndarray,
     positions: np.ndarray,
     object_shape: tuple[int, int],
     probe: np.ndarray,
-    settings: SolverSettings = SolverSettings(),
+    settings: SolverSettings | None = None,
     comm=None,
     progress: Callable[[int, float], None] | None = None,
 ) -> Reconstruction:
@@ -78,39 +152,9 @@ def solve(
     (possibly none). Every rank returns the same object and probe. ``progress(i, error)``
     runs after iteration i.
     """
-    amplitudes = np.asarray(amplitudes, dtype=np.float32)
-    n = probe.shape[0]
-    amplitudes = amplitudes.reshape(-1, n, n)
-    positions = np.asarray(positions, dtype=np.int64).reshape(-1, 2)
-    if len(positions) != len(amplitudes):
-        raise ValueError(f"{len(amplitudes)} frames but {len(positions)} positions")
-    if len(positions) and (
-        positions.min() < 0 or (positions.max(axis=0) + n > np.asarray(object_shape)).any()
-    ):
-        raise ValueError(f"frame windows of {n}x{n} fall outside the object {object_shape}")
-    backend = make_backend(
-        settings.backend, amplitudes, positions, object_shape, settings.algorithm, settings.threads
-    )
-    obj = np.ones(object_shape, dtype=np.complex64)
-    probe = np.asarray(probe, dtype=np.complex64).copy()
-    beta = settings.beta if settings.algorithm == "raar" else 1.0
-    total = _allreduce(comm, np.array([float(np.sum(amplitudes.astype(np.float64) ** 2))]))[0]
-    backend.start(probe, obj)
-    obj_den = _allreduce(comm, backend.illumination(probe))
-    errors: list[float] = []
-    for i in range(settings.iterations):
-        obj_num, err = backend.fourier_pass(probe, obj, beta)
-        obj_num = _allreduce(comm, obj_num)
-        err = _allreduce(comm, np.array([err]))[0]
-        obj = _update(obj_num, obj_den, obj)
-        if settings.probe_start is not None and i >= settings.probe_start:
-            probe_num, probe_den = backend.probe_sums(obj)
-            probe = _update(_allreduce(comm, probe_num), _allreduce(comm, probe_den), probe)
-            obj_den = _allreduce(comm, backend.illumination(probe))
-        errors.append(float(err / max(total, 1e-30)))
-        if progress is not None:
-            progress(i, errors[-1])
-    return Reconstruction(obj, probe, errors, obj_den.astype(np.float32))
+    solver = Solver(object_shape, probe, settings, comm)
+    solver.add_frames(amplitudes, positions)
+    return solver.iterate(solver.settings.iterations, progress)
 
 
 def phase_error(
