@@ -236,3 +236,22 @@ def test_bench_ptycho_quick(tmp_path):
     assert set(data["seconds"]) == {"1", "2"} and data["fft_bound_s"] > 0
     assert all(e < 0.2 for e in data["phase_error_rad"].values())
     assert out_png.stat().st_size > 1000
+
+
+@pytest.mark.timeout(400)
+def test_bench_stream_quick(tmp_path):
+    out_json, out_png = tmp_path / "stream.json", tmp_path / "stream.png"
+    command = [sys.executable, "-m", "sparkmpi.cli", "bench", "stream", "--quick"]
+    done = subprocess.run(
+        [*command, "--json", str(out_json), "--plot", str(out_png)],
+        capture_output=True,
+        text=True,
+        timeout=380,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out_json.read_text())["results"]
+    assert [r["transport"] for r in results] == ["kafka", "zmq"]
+    for r in results:
+        assert r["frames"] == 64 and r["frames_lost"] == 0 and r["frames_duplicated"] == 0
+        assert r["last_frame_to_result_s"] > 0 and r["max_rate_hz"] > 0
+    assert out_png.stat().st_size > 1000

@@ -6,7 +6,11 @@ import argparse
 import importlib
 import sys
 
-APPS = ("tomo", "ptycho")
+APPS = {
+    "tomo": "sparkmpi.apps.tomo.cli",
+    "ptycho": "sparkmpi.apps.ptycho.cli",
+    "stream": "sparkmpi.streaming.cli",
+}
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -52,6 +56,12 @@ def _cmd_bench_tomo(args: argparse.Namespace) -> int:
     return bench_tomo(args)
 
 
+def _cmd_bench_stream(args: argparse.Namespace) -> int:
+    from sparkmpi.bench.stream import main as bench_stream
+
+    return bench_stream(args)
+
+
 def _cmd_bench_ptycho(args: argparse.Namespace) -> int:
     from sparkmpi.bench.ptycho import main as bench_ptycho
 
@@ -86,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions of Spark, Java, MPI and the PMI server address")
     info.set_defaults(func=_cmd_info)
 
-    for app in APPS:
-        importlib.import_module(f"sparkmpi.apps.{app}.cli").add_commands(sub)
+    for module in APPS.values():
+        importlib.import_module(module).add_commands(sub)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -129,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     ptycho.add_argument("--json", help="write the figures as JSON here")
     ptycho.add_argument("--plot", help="write a PNG plot here")
     ptycho.set_defaults(func=_cmd_bench_ptycho)
+    stream = bench_sub.add_parser("stream", help="streamed scan through Kafka and ZeroMQ")
+    stream.add_argument("--frames", type=int, default=512, help="frames in the scan (512)")
+    stream.add_argument("--size", type=int, default=128, help="frame edge (128)")
+    stream.add_argument("--rate", type=float, default=20.0, help="frames per second (20)")
+    stream.add_argument("--transports", default="kafka,zmq", help="kafka,zmq")
+    stream.add_argument("--batch-interval", type=float, default=2.0, help="seconds (2)")
+    stream.add_argument("--iterations", type=int, default=10, help="iterations per batch (10)")
+    stream.add_argument("--final-iterations", type=int, default=50, help="after the scan (50)")
+    stream.add_argument("--quick", action="store_true", help="64 frames of 64² at 40 Hz")
+    stream.add_argument("--json", help="write the figures as JSON here")
+    stream.add_argument("--plot", help="write a PNG plot here")
+    stream.set_defaults(func=_cmd_bench_stream)
     return parser
 
 

@@ -1,0 +1,164 @@
+"""The scan protocol: scan-start, frame and scan-end records, each a JSON header plus raw bytes.
+
+A scan-start names the scan and says what its frames are (count, shape, dtype), where they were
+taken (positions in object pixels) and the detector geometry; its payload is the initial probe
+(complex64). A frame carries its index, the time it was produced and its pixels. A scan-end
+closes the scan. Over Kafka the header is the ``sparkmpi`` message header and the payload the
+message value; over ZeroMQ they are the two parts of a multipart message.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+HEADER = "sparkmpi"
+
+
+class MalformedRecord(ValueError):
+    """A record that does not follow the protocol; the message says what is wrong."""
+
+
+@dataclass
+class ScanStart:
+    scan_id: str
+    frames: int
+    shape: tuple[int, int]
+    dtype: str
+    positions: np.ndarray  # (frames, 2) float (y, x) object pixels
+    probe: np.ndarray  # (n, n) complex64
+    geometry: dict = field(default_factory=dict)
+
+    def header(self) -> dict:
+        return {
+            "type": "scan-start",
+            "scan_id": self.scan_id,
+            "frames": self.frames,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "positions": np.asarray(self.positions).tolist(),
+            "geometry": self.geometry,
+        }
+
+    def payload(self) -> bytes:
+        return np.ascontiguousarray(self.probe, dtype=np.complex64).tobytes()
+
+    def frame_bytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass
+class Frame:
+    scan_id: str
+    index: int
+    data: np.ndarray
+    produced: float  # producer's wall-clock time.time()
+
+    def header(self) -> dict:
+        return {
+            "type": "frame",
+            "scan_id": self.scan_id,
+            "index": self.index,
+            "t": self.produced,
+            "shape": list(self.data.shape),
+            "dtype": str(self.data.dtype),
+        }
+
+    def payload(self) -> bytes:
+        return np.ascontiguousarray(self.data).tobytes()
+
+
+@dataclass
+class ScanEnd:
+    scan_id: str
+    produced: float
+    offsets: dict[int, int] = field(default_factory=dict)  # Kafka: end offset per partition
+
+    def header(self) -> dict:
+        offsets = {str(p): o for p, o in self.offsets.items()}
+        return {"type": "scan-end", "scan_id": self.scan_id, "t": self.produced, "offsets": offsets}
+
+    def payload(self) -> bytes:
+        return b""
+
+
+@dataclass
+class Progress:
+    """Kafka only: how far the producer's frames are delivered (end offset per partition), from
+    its delivery reports, since the broker's high watermarks cannot be trusted."""
+
+    scan_id: str
+    offsets: dict[int, int]
+
+    def header(self) -> dict:
+        offsets = {str(p): o for p, o in self.offsets.items()}
+        return {"type": "progress", "scan_id": self.scan_id, "offsets": offsets}
+
+    def payload(self) -> bytes:
+        return b""
+
+
+Record = ScanStart | Frame | ScanEnd | Progress
+
+
+def encode(record: Record) -> tuple[bytes, bytes]:
+    """(header, payload) bytes of a record."""
+    return json.dumps(record.header()).encode(), record.payload()
+
+
+def _offsets(header: dict) -> dict[int, int]:
+    return {int(p): int(o) for p, o in header.get("offsets", {}).items()}
+
+
+def decode(header: bytes | None, payload: bytes | None, scan: ScanStart | None = None) -> Record:
+    """The record in (header, payload); :class:`MalformedRecord` when it is not one, or when a
+    frame does not fit ``scan`` (wrong scan id, index out of range, wrong size)."""
+    try:
+        meta = json.loads(header or b"")
+        kind = meta["type"]
+        scan_id = str(meta["scan_id"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MalformedRecord(f"unreadable header ({type(exc).__name__}: {exc})") from None
+    payload = payload or b""
+    try:
+        if kind == "scan-start":
+            shape = tuple(int(v) for v in meta["shape"])
+            probe = np.frombuffer(payload, dtype=np.complex64)
+            if probe.size != shape[0] * shape[1]:
+                raise MalformedRecord(f"scan {scan_id}: probe of {probe.size} values for {shape}")
+            return ScanStart(
+                scan_id,
+                int(meta["frames"]),
+                shape,
+                str(meta["dtype"]),
+                np.asarray(meta["positions"], dtype=np.float64),
+                probe.reshape(shape).copy(),
+                dict(meta.get("geometry", {})),
+            )
+        if kind == "scan-end":
+            return ScanEnd(scan_id, float(meta.get("t", time.time())), _offsets(meta))
+        if kind == "progress":
+            return Progress(scan_id, _offsets(meta))
+        if kind != "frame":
+            raise MalformedRecord(f"unknown record type {kind!r}")
+        index = int(meta["index"])
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, MalformedRecord):
+            raise
+        raise MalformedRecord(f"bad {kind} record ({type(exc).__name__}: {exc})") from None
+    if scan is not None:
+        if scan_id != scan.scan_id:
+            raise MalformedRecord(f"frame {index} of unknown scan {scan_id!r}")
+        if not 0 <= index < scan.frames:
+            raise MalformedRecord(f"frame index {index} outside 0..{scan.frames - 1}")
+        if len(payload) != scan.frame_bytes():
+            raise MalformedRecord(
+                f"frame {index}: {len(payload)} bytes, expected {scan.frame_bytes()}"
+            )
+        data = np.frombuffer(payload, dtype=scan.dtype).reshape(scan.shape)
+    else:
+        data = np.frombuffer(payload, dtype=meta.get("dtype", "float32"))
+    return Frame(scan_id, index, data, float(meta.get("t", 0.0)))
