@@ -191,3 +191,29 @@ def test_driver_killed_mid_scan_resumes_and_uses_every_frame_once(broker, scan, 
         frames = list(f["frames"][()])
         summary = json.loads(f.attrs["summary"])
     assert frames == list(range(96)) and summary["frames_used"] == 96
+
+
+def test_the_demo_commands_with_zeromq(tmp_path):
+    cxi, out = tmp_path / "scan.cxi", tmp_path / "out"
+    assert (
+        spark_mpi("ptycho", "simulate", str(cxi), "--frames", "32", "--size", "32").returncode == 0
+    )
+    url = f"zmq://127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "sparkmpi.cli", "stream", "run", "--source", url]
+    command += ["--out", str(out), "--batch-interval", "500ms", "--wait", "120"]
+    with open(tmp_path / "run.log", "w") as log:
+        run = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        done = spark_mpi("stream", "produce", "--scan", str(cxi), "--rate", "50", "--to", url)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "32 frames sent" in done.stdout
+        assert run.wait(180) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    text = (tmp_path / "run.log").read_text()
+    assert "32 frames used once, 0 missing" in text
+    (final,) = out.glob("*/final.png")
+    assert final.read_bytes().startswith(b"\x89PNG")

@@ -23,7 +23,7 @@ class ZmqSink:
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, 100_000)
-        self.socket.setsockopt(zmq.LINGER, 10_000)
+        self.socket.setsockopt(zmq.LINGER, 30_000)  # a late driver still gets the scan
         self.socket.connect(f"tcp://{host}:{port}")
 
     def send(self, record) -> None:
