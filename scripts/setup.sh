@@ -27,6 +27,13 @@ if [ "$(java_major)" -lt 17 ] 2>/dev/null || [ -z "$(java_major)" ]; then
 fi
 echo "setup: java $(java_major)"
 
+# SLURM for the deployment tests (scripts/slurm-local.sh starts a one-node cluster without
+# systemd); SPARKMPI_NO_SLURM=1 skips it.
+if [ "${SPARKMPI_NO_SLURM:-0}" != 1 ] && ! command -v slurmd >/dev/null 2>&1; then
+    echo "setup: installing SLURM (munge slurmctld slurmd slurm-client) for the deployment tests"
+    apt_install munge slurmctld slurmd slurm-client
+fi
+
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || { echo "setup: Python >= 3.11 needed, $PYTHON is $("$PYTHON" -V)"; exit 1; }
 "$PYTHON" -m pip install -q -e ".[dev]"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sparkmpi import run_mpi
-from standalone import StandaloneCluster
+from sparkmpi.deploy.standalone import StandaloneCluster
 
 pytestmark = pytest.mark.slow
 

@@ -10,6 +10,8 @@ APPS = {
     "tomo": "sparkmpi.apps.tomo.cli",
     "ptycho": "sparkmpi.apps.ptycho.cli",
     "stream": "sparkmpi.streaming.cli",
+    "cluster": "sparkmpi.deploy.cli",
+    "slurm": "sparkmpi.deploy.cli",
 }
 
 
@@ -96,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions of Spark, Java, MPI and the PMI server address")
     info.set_defaults(func=_cmd_info)
 
-    for module in APPS.values():
+    for module in dict.fromkeys(APPS.values()):
         importlib.import_module(module).add_commands(sub)
 
     bench = sub.add_parser("bench", help="benchmarks")
