@@ -7,15 +7,18 @@ import sys
 
 
 def spark_session(master: str | None = None, cores: int = 2, app_name: str = "spark-mpi"):
-    """A SparkSession on ``master`` (default ``local[cores]``) whose Python workers run this
-    interpreter, with the web UI and console progress bar off."""
+    """A SparkSession on ``master`` (default: the one given to ``spark-submit`` when launched
+    by it, else ``local[cores]``) whose Python workers run this interpreter, with the web UI and
+    console progress bar off."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
+    builder = SparkSession.builder
+    if master or "PYSPARK_GATEWAY_PORT" not in os.environ:  # spark-submit sets the gateway
+        builder = builder.master(master or f"local[{cores}]")
     spark = (
-        SparkSession.builder.master(master or f"local[{cores}]")
-        .appName(app_name)
+        builder.appName(app_name)
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .getOrCreate()
