@@ -27,6 +27,12 @@ if [ "$(java_major)" -lt 17 ] 2>/dev/null || [ -z "$(java_major)" ]; then
 fi
 echo "setup: java $(java_major)"
 
+# Debian's chromium for the viewer's browser tests (playwright drives it; it never downloads one)
+if ! command -v chromium >/dev/null 2>&1; then
+    echo "setup: installing chromium for the viewer's browser tests"
+    apt_install chromium
+fi
+
 # SLURM for the deployment tests (scripts/slurm-local.sh starts a one-node cluster without
 # systemd); SPARKMPI_NO_SLURM=1 skips it.
 if [ "${SPARKMPI_NO_SLURM:-0}" != 1 ] && ! command -v slurmd >/dev/null 2>&1; then

@@ -12,6 +12,7 @@ APPS = {
     "stream": "sparkmpi.streaming.cli",
     "cluster": "sparkmpi.deploy.cli",
     "slurm": "sparkmpi.deploy.cli",
+    "view": "sparkmpi.viz.cli",
 }
 
 
@@ -78,7 +79,9 @@ def _run_app(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except (InputFileError, MPIJobError, ValueError, RuntimeError, FileNotFoundError) as exc:
-        print(f"spark-mpi {args.command} {getattr(args, args.command)}: {exc}", file=sys.stderr)
+        sub = getattr(args, args.command, None)
+        name = f"spark-mpi {args.command}" + (f" {sub}" if sub and sub != args.command else "")
+        print(f"{name}: {exc}", file=sys.stderr)
         return 1
 
 
