@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
     chunked = {str(r): fft_bound(args.frames, args.size, args.iterations, r, 16 * r) for r in ranks}
     bounds = {r: min(batched[r], chunked[r]) for r in batched}
     settings = SolverSettings(args.algorithm, args.iterations)
-    spark = spark_session(cores=max(ranks), app_name="spark-mpi bench ptycho")
+    spark = spark_session(args.master, cores=max(ranks), app_name="spark-mpi bench ptycho")
     solver_s, end_to_end, errors = {}, {}, {}
     quiet = lambda *_: None  # noqa: E731
     try:

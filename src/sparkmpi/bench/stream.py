@@ -49,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
         args.frames, args.size, args.rate = 64, 64, 40.0
     scan = simulate(args.frames, args.size)
     settings = StreamSettings(args.batch_interval, args.iterations, args.final_iterations, 2)
-    spark = spark_session(cores=settings.ranks, app_name="spark-mpi bench stream")
+    spark = spark_session(args.master, cores=settings.ranks, app_name="spark-mpi bench stream")
     results = []
     quiet = lambda line: None  # noqa: E731
     try:

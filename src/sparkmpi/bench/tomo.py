@@ -84,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
     if not np.allclose(art(timed, A, 1, beta=0.5), slow, rtol=1e-3, atol=1e-4):
         raise RuntimeError("vectorised ART differs from the textbook loop")
 
-    spark = spark_session(cores=max(workers), app_name="spark-mpi bench tomo")
+    spark = spark_session(args.master, cores=max(workers), app_name="spark-mpi bench tomo")
     art_s: dict[str, float] = {}
     try:
         rows = list(enumerate(sinograms))
