@@ -41,34 +41,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench_launch(args: argparse.Namespace) -> int:
-    from sparkmpi.bench.launch import main as bench_launch
+def _bench(name: str):
+    """The ``spark-mpi bench NAME`` command: ``sparkmpi.bench.NAME.main``, imported on use."""
 
-    return bench_launch(args)
+    def command(args: argparse.Namespace) -> int:
+        return importlib.import_module(f"sparkmpi.bench.{name}").main(args)
 
-
-def _cmd_bench_allreduce(args: argparse.Namespace) -> int:
-    from sparkmpi.bench.allreduce import main as bench_allreduce
-
-    return bench_allreduce(args)
-
-
-def _cmd_bench_tomo(args: argparse.Namespace) -> int:
-    from sparkmpi.bench.tomo import main as bench_tomo
-
-    return bench_tomo(args)
-
-
-def _cmd_bench_stream(args: argparse.Namespace) -> int:
-    from sparkmpi.bench.stream import main as bench_stream
-
-    return bench_stream(args)
-
-
-def _cmd_bench_ptycho(args: argparse.Namespace) -> int:
-    from sparkmpi.bench.ptycho import main as bench_ptycho
-
-    return bench_ptycho(args)
+    return command
 
 
 def _run_app(args: argparse.Namespace) -> int:
@@ -114,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--master", help="Spark master URL (default local[RANKS])")
     launch.add_argument("--json", help="write the figures as JSON here")
     launch.add_argument("--plot", help="write a PNG plot here")
-    launch.set_defaults(func=_cmd_bench_launch)
+    launch.set_defaults(func=_bench("launch"))
     allreduce = bench_sub.add_parser(
         "allreduce", help="sum of arrays: Spark collect/treeReduce vs MPI Allreduce (Table I)"
     )
@@ -125,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     allreduce.add_argument("--quick", action="store_true", help="small arrays, N = 1, 2")
     allreduce.add_argument("--json", help="write the results as JSON here")
     allreduce.add_argument("--plot", help="write a PNG plot here")
-    allreduce.set_defaults(func=_cmd_bench_allreduce)
+    allreduce.set_defaults(func=_bench("allreduce"))
     tomo = bench_sub.add_parser("tomo", help="ART iteration time on 256³: workers vs textbook loop")
     tomo.add_argument("--size", type=int, default=256, help="volume edge (256)")
     tomo.add_argument("--workers", default="1,2", help="comma-separated worker counts (1,2)")
@@ -134,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     tomo.add_argument("--master", help="Spark master URL (default local mode)")
     tomo.add_argument("--json", help="write the figures as JSON here")
     tomo.add_argument("--plot", help="write a PNG plot here")
-    tomo.set_defaults(func=_cmd_bench_tomo)
+    tomo.set_defaults(func=_bench("tomo"))
     ptycho = bench_sub.add_parser("ptycho", help="ptychography solver: 1 and 2 ranks vs FFT bound")
     ptycho.add_argument("--frames", type=int, default=512, help="diffraction frames (512)")
     ptycho.add_argument("--size", type=int, default=128, help="frame edge (128)")
@@ -145,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     ptycho.add_argument("--master", help="Spark master URL (default local mode)")
     ptycho.add_argument("--json", help="write the figures as JSON here")
     ptycho.add_argument("--plot", help="write a PNG plot here")
-    ptycho.set_defaults(func=_cmd_bench_ptycho)
+    ptycho.set_defaults(func=_bench("ptycho"))
     stream = bench_sub.add_parser("stream", help="streamed scan through Kafka and ZeroMQ")
     stream.add_argument("--frames", type=int, default=512, help="frames in the scan (512)")
     stream.add_argument("--size", type=int, default=128, help="frame edge (128)")
@@ -158,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--master", help="Spark master URL (default local mode)")
     stream.add_argument("--json", help="write the figures as JSON here")
     stream.add_argument("--plot", help="write a PNG plot here")
-    stream.set_defaults(func=_cmd_bench_stream)
+    stream.set_defaults(func=_bench("stream"))
     return parser
 
 
