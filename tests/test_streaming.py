@@ -17,7 +17,8 @@ from helpers import spark_mpi
 from sparkmpi.apps.ptycho.pipeline import reconstruct
 from sparkmpi.apps.ptycho.simulate import simulate
 from sparkmpi.apps.ptycho.solver import SolverSettings, phase_error
-from sparkmpi.streaming.broker import TansuBroker, free_port
+from sparkmpi.deploy.ports import free_port
+from sparkmpi.streaming.broker import TansuBroker
 from sparkmpi.streaming.driver import StreamDriver, StreamSettings
 from sparkmpi.streaming.endpoints import open_sink
 from sparkmpi.streaming.producer import produce, scan_start

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 from conftest import ARTIFACTS
 from helpers import spark_mpi
 from sparkmpi.apps.tomo.phantom import blobs_phantom
+from sparkmpi.deploy.ports import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -32,12 +32,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -169,4 +163,3 @@ def test_missing_or_malformed_file_is_one_line(tmp_path):
     bad.write_bytes(b"not hdf5")
     done = spark_mpi("view", str(bad), timeout=60)
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "cannot be read" in done.stderr
-    assert shutil.which("chromium") or True

@@ -41,8 +41,9 @@ def _frames_in(path: str) -> list[int]:
 def main(args: argparse.Namespace) -> int:
     from sparkmpi.apps.ptycho.simulate import simulate
     from sparkmpi.apps.ptycho.solver import SolverSettings
+    from sparkmpi.deploy.ports import free_port
     from sparkmpi.runner.context import spark_session
-    from sparkmpi.streaming.broker import TansuBroker, free_port
+    from sparkmpi.streaming.broker import TansuBroker
     from sparkmpi.streaming.driver import StreamDriver, StreamSettings
 
     if args.quick:

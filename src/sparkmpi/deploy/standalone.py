@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,12 @@ from pathlib import Path
 
 import pyspark
 
+from sparkmpi.deploy.ports import free_port
+
 SPARK_HOME = Path(pyspark.__file__).parent
 DEFAULT_STATE = Path.home() / ".sparkmpi" / "cluster"
 MASTER_CLASS = "org.apache.spark.deploy.master.Master"
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def spark_env(host: str | None = None) -> dict[str, str]:

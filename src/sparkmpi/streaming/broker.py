@@ -7,12 +7,7 @@ import socket
 import subprocess
 import time
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from sparkmpi.deploy.ports import free_port
 
 
 class TansuBroker:
