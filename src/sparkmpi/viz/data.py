@@ -32,12 +32,11 @@ class Dataset:
 
 
 def _ptycho(path: Path, f) -> Dataset:
+    from sparkmpi.apps.ptycho.figures import illuminated_object
+
     obj = f["object"][()]
     lit = f["illumination"][()] if "illumination" in f else np.ones(obj.shape)
-    mask = lit > 0.1 * lit.max() if lit.max() > 0 else np.ones(obj.shape, bool)
-    rows, cols = np.nonzero(mask) if mask.any() else np.nonzero(np.ones_like(mask))
-    crop = np.s_[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-    offset = np.angle(np.sum(obj[mask])) if mask.any() else 0.0
+    shown, _ = illuminated_object(obj, lit)
     meta = {}
     for key in ("summary", "record"):
         if key in f.attrs:
@@ -47,8 +46,8 @@ def _ptycho(path: Path, f) -> Dataset:
     return Dataset(
         str(path),
         images={
-            "phase": np.angle(obj[crop] * np.exp(-1j * offset)).astype(np.float32),
-            "amplitude": np.abs(obj[crop]).astype(np.float32),
+            "phase": np.angle(shown).astype(np.float32),
+            "amplitude": np.abs(shown).astype(np.float32),
             "probe amplitude": np.abs(f["probe"][()]).astype(np.float32),
         },
         metadata=meta,

@@ -10,8 +10,17 @@ import numpy as np
 from sparkmpi.apps.files import atomic_output
 
 
-def _lit(rec) -> np.ndarray:
-    return rec.illumination > 0.1 * float(rec.illumination.max())
+def illuminated_object(obj: np.ndarray, illumination: np.ndarray):
+    """The object cropped to where it is lit (illumination above 10% of its peak; everywhere
+    if nothing is), with the global phase that ptychography cannot fix removed, and the lit
+    mask over the crop."""
+    lit = illumination > 0.1 * float(illumination.max())
+    if not lit.any():
+        lit = np.ones(obj.shape, dtype=bool)
+    rows, cols = np.nonzero(lit)
+    crop = np.s_[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    offset = np.angle(np.sum(obj[lit]))
+    return obj[crop] * np.exp(-1j * offset), lit[crop]
 
 
 def save_reconstruction_png(rec, path: str | os.PathLike, title: str = "") -> None:
@@ -23,15 +32,12 @@ def save_reconstruction_png(rec, path: str | os.PathLike, title: str = "") -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lit = _lit(rec)
-    rows, cols = np.nonzero(lit) if lit.any() else np.nonzero(np.ones_like(lit))
-    crop = np.s_[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-    obj = rec.object[crop]
-    phase = np.angle(obj * np.exp(-1j * np.angle(np.sum(obj[lit[crop]]))))
+    obj, lit = illuminated_object(rec.object, rec.illumination)
+    phase = np.angle(obj)
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.4))
     panels = [
         (np.abs(obj), "object amplitude", "gray"),
-        (np.where(lit[crop], phase, np.nan), "object phase (rad)", "viridis"),
+        (np.where(lit, phase, np.nan), "object phase (rad)", "viridis"),
         (np.abs(rec.probe), "probe amplitude", "magma"),
     ]
     for ax, (image, label, cmap) in zip(axes, panels, strict=False):
