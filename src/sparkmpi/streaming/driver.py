@@ -198,13 +198,15 @@ class _ScanRun:
         self.d.source.commit()
         self.d.source.publish_result(summary)
         self.d.history.append(summary)
-        latency = "" if summary["latency_s"] is None else f", latency {summary['latency_s']:.2f} s"
-        self.d.log(
-            f"batch {summary['batch']}: +{out['new']} frames ({len(self.used)}/{self.scan.frames})"
-            f", error {summary['error']:.2e}{latency}"
-            if summary["error"] is not None
-            else f"batch {summary['batch']}: no frames yet"
-        )
+        line = f"batch {summary['batch']}: "
+        if summary["error"] is None:
+            line += "no frames yet"
+        else:
+            line += f"+{out['new']} frames ({len(self.used)}/{self.scan.frames})"
+            line += f", error {summary['error']:.2e}"
+        if summary["latency_s"] is not None:
+            line += f", latency {summary['latency_s']:.2f} s"
+        self.d.log(line)
         return summary
 
     def run(self) -> dict | None:

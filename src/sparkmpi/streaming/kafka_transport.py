@@ -55,8 +55,9 @@ def check_broker(bootstrap: str, timeout: float = 5.0) -> None:
         raise StreamError(f"kafka://{bootstrap}: broker not reachable ({reason})") from None
 
 
-def ensure_topics(bootstrap: str, topic: str, partitions: int = PARTITIONS) -> None:
-    """Creates the frames, control and results topics of ``topic`` if they do not exist."""
+def ensure_topics(bootstrap: str, topic: str, partitions: int = PARTITIONS) -> int:
+    """Creates the frames, control and results topics of ``topic`` if they do not exist;
+    returns how many partitions the frames topic has."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient(_config(bootstrap))
@@ -65,13 +66,7 @@ def ensure_topics(bootstrap: str, topic: str, partitions: int = PARTITIONS) -> N
     new = [NewTopic(t, n, 1) for t, n in wanted.items() if t not in existing]
     for future in admin.create_topics(new).values() if new else []:
         future.result(timeout=10)
-
-
-def _partition_count(bootstrap: str, topic: str) -> int:
-    from confluent_kafka.admin import AdminClient
-
-    meta = AdminClient(_config(bootstrap)).list_topics(topic, timeout=10)
-    return max(len(meta.topics[topic].partitions), 1)
+    return max(len(existing[topic].partitions), 1) if topic in existing else partitions
 
 
 class KafkaSink:
@@ -81,8 +76,7 @@ class KafkaSink:
         from confluent_kafka import Producer
 
         check_broker(bootstrap)
-        ensure_topics(bootstrap, topic, partitions)
-        self.topic, self.partitions = topic, partitions
+        self.topic, self.partitions = topic, ensure_topics(bootstrap, topic, partitions)
         self.producer = Producer(_config(bootstrap, **{"linger.ms": 2}))
         self.delivered: dict[int, int] = {}
         self.failed = 0
@@ -198,9 +192,8 @@ class KafkaSource:
         from confluent_kafka import Consumer, TopicPartition
 
         check_broker(bootstrap)
-        ensure_topics(bootstrap, topic)
+        self.partitions = ensure_topics(bootstrap, topic)
         self.bootstrap, self.topic, self.log = bootstrap, topic, log
-        self.partitions = _partition_count(bootstrap, topic)
         self.group = group or f"sparkmpi-{topic}"
         self._errors: list[str] = []
         self.control = Consumer(
@@ -220,6 +213,7 @@ class KafkaSource:
         self.next_offset: dict[int, int] = {}
         self._backoff = 0.0
         self._pending_starts: list[ScanStart] = []
+        self._results = None  # the results producer, made on first use
 
     def _poll_control(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -328,10 +322,10 @@ class KafkaSource:
     def publish_result(self, summary: dict) -> None:
         from confluent_kafka import Producer
 
-        producer = getattr(self, "_results", None) or Producer(_config(self.bootstrap))
-        self._results = producer
-        producer.produce(f"{self.topic}.results", value=json.dumps(summary).encode())
-        producer.flush(5)
+        if self._results is None:
+            self._results = Producer(_config(self.bootstrap))
+        self._results.produce(f"{self.topic}.results", value=json.dumps(summary).encode())
+        self._results.flush(5)
 
     def close(self) -> None:
         self.control.close()

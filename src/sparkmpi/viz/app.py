@@ -89,7 +89,7 @@ class Viewer:
         from trame.widgets import html
         from trame.widgets import vtk as vtk_widgets
 
-        with DivLayout(self.server, style=PAGE_STYLE) as layout:
+        with DivLayout(self.server, style=PAGE_STYLE):
             html.H3("{{ source }}", style="margin: 4px 0;")
             html.Div("{{ progress }}", id="progress", style="font-weight: bold;")
             with html.Div(style="display: flex; gap: 16px; flex-wrap: wrap;"):
@@ -132,7 +132,6 @@ class Viewer:
                         for name in COLORMAPS:
                             html.Option(name, value=name)
                     html.Pre("{{ metadata }}", id="metadata", style="font-size: 11px;")
-        return layout
 
     # -- live mode ---------------------------------------------------------------------
     def _start_following(self, **_) -> None:
