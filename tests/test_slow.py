@@ -90,67 +90,42 @@ spark.stop()
     assert all(lib.startswith("MPICH") for _, lib, _, _ in out)
 
 
-def test_bench_launch_quick(tmp_path):
-    out_json, out_png = tmp_path / "launch.json", tmp_path / "launch.png"
+def run_bench(tmp_path, name: str, *args: str, timeout: float = 300, env=None):
+    """``spark-mpi bench NAME ARGS --json --plot`` in ``tmp_path``: checks it succeeded and
+    drew a plot; returns the finished process and the JSON it wrote."""
+    out_json, out_png = tmp_path / f"{name}.json", tmp_path / f"{name}.png"
+    outputs = ["--json", str(out_json), "--plot", str(out_png)]
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sparkmpi.cli",
-            "bench",
-            "launch",
-            "--ranks",
-            "2",
-            "--repeat",
-            "2",
-            "--submissions",
-            "5",
-            "--json",
-            str(out_json),
-            "--plot",
-            str(out_png),
-        ],
+        [sys.executable, "-m", "sparkmpi.cli", "bench", name, *args, *outputs],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
+        env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    data = json.loads(out_json.read_text())
+    assert out_png.stat().st_size > 1000
+    return done, json.loads(out_json.read_text())
+
+
+def test_bench_launch_quick(tmp_path):
+    done, data = run_bench(
+        tmp_path, "launch", "--ranks", "2", "--repeat", "2", "--submissions", "5"
+    )
     for key in ("ranks", "spark_job_s", "mpiexec_s", "session_dispatch_s"):
         assert key in data
-    assert data["ranks"] == 2 and out_png.stat().st_size > 1000
+    assert data["ranks"] == 2
     assert "Spark job / mpiexec" in done.stdout
 
 
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("where", ["local", "standalone"])
 def test_bench_allreduce_quick(tmp_path, where, request):
-    out_json, out_png = tmp_path / "allreduce.json", tmp_path / "allreduce.png"
     master, env = [], None
     if where == "standalone":
         cluster = request.getfixturevalue("cluster")
         master, env = ["--master", cluster.url], cluster.env
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sparkmpi.cli",
-            "bench",
-            "allreduce",
-            "--quick",
-            *master,
-            "--json",
-            str(out_json),
-            "--plot",
-            str(out_png),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(out_json.read_text())["results"]
+    done, data = run_bench(tmp_path, "allreduce", "--quick", *master, timeout=400, env=env)
+    results = data["results"]
     assert [r["ranks"] for r in results] == [1, 2]
     fields = (
         "ranks",
@@ -164,27 +139,13 @@ def test_bench_allreduce_quick(tmp_path, where, request):
     for row in results:
         assert all(isinstance(row[f], (int, float)) and row[f] > 0 for f in fields)
         assert row["sums_agree"] is True
-    assert out_png.stat().st_size > 1000
     assert "driver-worker ÷ Spark-MPI" in done.stdout and "Spark-MPI ÷ mpiexec" in done.stdout
 
 
-BENCH_TOMO = [sys.executable, "-m", "sparkmpi.cli", "bench", "tomo", "--size", "48"]
-BENCH_TOMO += ["--textbook-slices", "1"]
-
-
 def test_bench_tomo_small(tmp_path):
-    out_json, out_png = tmp_path / "tomo.json", tmp_path / "tomo.png"
-    done = subprocess.run(
-        [*BENCH_TOMO, "--json", str(out_json), "--plot", str(out_png)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    data = json.loads(out_json.read_text())
+    _, data = run_bench(tmp_path, "tomo", "--size", "48", "--textbook-slices", "1")
     assert data["shape"] == [48, 48, 48] and set(data["art_iteration_s"]) == {"1", "2"}
     assert data["textbook_iteration_s"] > 0 and all(v > 0 for v in data["art_iteration_s"].values())
-    assert out_png.stat().st_size > 1000
 
 
 @pytest.mark.timeout(300)
@@ -222,36 +183,17 @@ def test_ptycho_one_two_and_four_ranks_agree(spark):
 
 
 def test_bench_ptycho_quick(tmp_path):
-    out_json, out_png = tmp_path / "ptycho.json", tmp_path / "ptycho.png"
-    command = [sys.executable, "-m", "sparkmpi.cli", "bench", "ptycho", "--quick"]
-    done = subprocess.run(
-        [*command, "--json", str(out_json), "--plot", str(out_png)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    data = json.loads(out_json.read_text())
+    _, data = run_bench(tmp_path, "ptycho", "--quick")
     assert (data["frames"], data["frame_size"], data["iterations"]) == (64, 64, 10)
     assert set(data["seconds"]) == {"1", "2"} and data["fft_bound_s"] > 0
     assert all(e < 0.2 for e in data["phase_error_rad"].values())
-    assert out_png.stat().st_size > 1000
 
 
 @pytest.mark.timeout(400)
 def test_bench_stream_quick(tmp_path):
-    out_json, out_png = tmp_path / "stream.json", tmp_path / "stream.png"
-    command = [sys.executable, "-m", "sparkmpi.cli", "bench", "stream", "--quick"]
-    done = subprocess.run(
-        [*command, "--json", str(out_json), "--plot", str(out_png)],
-        capture_output=True,
-        text=True,
-        timeout=380,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(out_json.read_text())["results"]
+    _, data = run_bench(tmp_path, "stream", "--quick", timeout=380)
+    results = data["results"]
     assert [r["transport"] for r in results] == ["kafka", "zmq"]
     for r in results:
         assert r["frames"] == 64 and r["frames_lost"] == 0 and r["frames_duplicated"] == 0
         assert r["last_frame_to_result_s"] > 0 and r["max_rate_hz"] > 0
-    assert out_png.stat().st_size > 1000
