@@ -51,6 +51,7 @@ def test_two_jobs_at_once_keep_their_own_spaces(server):
 
 def _raw(server: PMIServer, line: bytes) -> str:
     with socket.create_connection(server.address, timeout=10) as s:
+        assert s.makefile("rb").readline().startswith(b"cmd=challenge ")
         s.sendall(line)
         data = b""
         while not data.endswith(b"\n"):
@@ -71,11 +72,15 @@ def test_bad_clients_are_refused_while_a_job_runs(server):
     refusals = {
         "malformed": _raw(server, b"this is not pmi\n"),
         "unauthenticated": _raw(server, b"cmd=initack pmiid=0\n"),
-        "wrong secret": _raw(
-            server, format_command("auth", job=job.job_id, rank=0, secret="nope", host="h").encode()
+        "wrong response": _raw(
+            server,
+            format_command(
+                "auth", job=job.job_id, rank=0, host="h", cnonce="00", digest="nope"
+            ).encode(),
         ),
         "unknown job": _raw(
-            server, format_command("auth", job="zzz", rank=0, secret="x", host="h").encode()
+            server,
+            format_command("auth", job="zzz", rank=0, host="h", cnonce="00", digest="x").encode(),
         ),
     }
     for what, reply in refusals.items():
@@ -98,7 +103,7 @@ def test_authenticated_garbage_and_unknown_commands_close_only_that_connection(s
 
 def test_connect_rank_reports_refusal(server):
     job = server.create_job(1)
-    with pytest.raises(PMIAuthError, match="wrong secret"):
+    with pytest.raises(PMIAuthError, match="wrong response"):
         connect_rank(server.address, job.job_id, "bad", 0, "h")
     sock = connect_rank(server.address, job.job_id, job.secret, 0, "h")
     with pytest.raises(PMIAuthError, match="already joined"):

@@ -1,36 +1,37 @@
 """The PMI-1 server: an asyncio transport around :class:`~sparkmpi.pmi.job.PMIJob` state machines.
 
 Access control: MPI never dials this server itself. The process that starts a rank (the Spark
-task) connects, proves membership with the job's secret in a first ``cmd=auth`` line, and then
-hands the authenticated socket to the MPI process as its inherited ``PMI_FD``. A connection
-whose first line is anything else, or whose secret is wrong, is answered with ``rc=-1`` and
-closed; other connections and jobs are unaffected.
+task) connects, answers the server's challenge with an HMAC of the job's secret
+(:mod:`sparkmpi.pmi.auth`), checks the server's proof, and then hands the admitted socket to
+the MPI process as its inherited ``PMI_FD``. A connection that does not authenticate within
+the listener's deadline and line limit, or answers wrongly, is refused and closed; other
+connections and jobs are unaffected (:mod:`sparkmpi.pmi.listener`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import secrets
 import threading
 from collections.abc import Callable
 
+from sparkmpi.pmi.auth import acceptance_line, authenticate_peer, refusal_line
 from sparkmpi.pmi.job import AbortRequest, JobRefused, PMIJob, Reply
+from sparkmpi.pmi.listener import GuardedListener, ListenerLimits
 from sparkmpi.pmi.protocol import (
     MAX_LINE,
     PMIProtocolError,
     error_reply,
-    format_command,
     parse_command,
 )
-from sparkmpi.pmi.threaded import ServerThread
 
 log = logging.getLogger(__name__)
 
 AbortCallback = Callable[[str, AbortRequest], None]
 LostCallback = Callable[[str, int], None]
+PURPOSE = "pmi"
 
 
 class PMIServer:
@@ -38,19 +39,27 @@ class PMIServer:
 
     ``host`` is the address to bind (loopback by default); ``advertise`` is the address that
     clients are told to connect to (defaults to ``host``). ``port=0`` picks a free port.
+    ``limits`` bounds what unauthenticated peers may cost (:class:`ListenerLimits`).
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, advertise: str | None = None):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise: str | None = None,
+        limits: ListenerLimits | None = None,
+    ):
         self.host, self.port = host, port
         self.advertise = advertise or host
         self.names: dict[str, str] = {}
-        self.refused = 0
         self._jobs: dict[str, PMIJob] = {}
         self._on_abort: dict[str, AbortCallback] = {}
         self._on_lost: dict[str, LostCallback] = {}
         self._writers: dict[str, dict[int, asyncio.StreamWriter]] = {}
         self._lock = threading.Lock()
-        self._thread = ServerThread(self._serve, host, port, MAX_LINE, "sparkmpi-pmi")
+        self._thread = GuardedListener(
+            "sparkmpi-pmi", host, port, self._authenticate, self._converse, limits
+        )
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> PMIServer:
@@ -78,6 +87,16 @@ class PMIServer:
     def address(self) -> tuple[str, int]:
         """``(host, port)`` that clients connect to."""
         return self.advertise, self.port
+
+    @property
+    def listener(self) -> GuardedListener:
+        """The listening socket's guard: refusal counts, connections still authenticating."""
+        return self._thread
+
+    @property
+    def refused(self) -> int:
+        """Connections refused so far (before or after authentication)."""
+        return self._thread.refusals.total
 
     # -- jobs (thread-safe) -----------------------------------------------------------------
     def create_job(
@@ -119,18 +138,30 @@ class PMIServer:
             writer.close()
 
     # -- transport --------------------------------------------------------------------------
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        joined: tuple[PMIJob, int] | None = None
+    def _secret_of(self, job_id: str) -> str | None:
+        job = self._jobs.get(job_id)
+        return None if job is None else job.secret
+
+    async def _authenticate(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[PMIJob, int] | None:
+        verified = await authenticate_peer(self._thread, reader, writer, PURPOSE, self._secret_of)
+        if verified is None:
+            return None
+        claims, secret = verified
+        job = self._jobs.get(claims.job)
+        if job is None:
+            return None
         try:
-            joined = await self._authenticate(reader, writer)
-            if joined is not None:
-                await self._converse(joined[0], joined[1], reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-            if joined is not None:
-                self._left(*joined, writer)
+            released = job.admit(claims.rank, claims.host)
+        except JobRefused as exc:
+            self._thread.refuse(writer, str(exc), "refused by job")
+            writer.write(refusal_line(str(exc)))
+            return None
+        self._writers[job.job_id][claims.rank] = writer
+        writer.write(acceptance_line(secret, PURPOSE, claims, kvsname=job.kvsname))
+        await self._deliver(job, released)
+        return job, claims.rank
 
     async def _read_command(self, reader: asyncio.StreamReader):
         try:
@@ -144,46 +175,24 @@ class PMIServer:
         return parse_command(line)
 
     async def _refuse(self, writer: asyncio.StreamWriter, cmd: str, why: str) -> None:
-        self.refused += 1
-        log.warning("PMI connection refused: %s", why)
+        self._thread.refuse(writer, why, "protocol error")
         writer.write(error_reply(cmd, why.replace(" ", "_")).encode())
         with contextlib.suppress(ConnectionError):
             await writer.drain()
 
-    async def _authenticate(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> tuple[PMIJob, int] | None:
-        try:
-            command = await self._read_command(reader)
-        except PMIProtocolError as exc:
-            await self._refuse(writer, "error", f"malformed: {exc}")
-            return None
-        if command is None:
-            return None
-        if command.cmd != "auth":
-            await self._refuse(writer, command.cmd, "not authenticated (send cmd=auth first)")
-            return None
-        try:
-            job_id, secret = command.require("job"), command.require("secret")
-            rank, host = command.require_int("rank"), command.require("host")
-        except PMIProtocolError as exc:
-            await self._refuse(writer, "auth", str(exc))
-            return None
-        job = self._jobs.get(job_id)
-        if job is None or not hmac.compare_digest(secret.encode(), job.secret.encode()):
-            await self._refuse(writer, "auth", "unknown job or wrong secret")
-            return None
-        try:
-            released = job.admit(rank, host)
-        except JobRefused as exc:
-            await self._refuse(writer, "auth", str(exc))
-            return None
-        self._writers[job_id][rank] = writer
-        writer.write(format_command("auth_result", rc=0, kvsname=job.kvsname).encode())
-        await self._deliver(job, released)
-        return job, rank
-
     async def _converse(
+        self,
+        session: tuple[PMIJob, int],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        job, rank = session
+        try:
+            await self._conversation(job, rank, reader, writer)
+        finally:
+            self._left(job, rank, writer)
+
+    async def _conversation(
         self, job: PMIJob, rank: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         while not job.closed:
@@ -200,7 +209,7 @@ class PMIServer:
                 if callback:
                     callback(job.job_id, job.abort)
             if any(r.close for r in replies):
-                self.refused += 1
+                self._thread.refuse(writer, f"rank {rank} sent a bad {command.cmd}", "bad command")
             await self._deliver(job, replies)
             if any(r.close and r.rank == rank for r in replies):
                 return

@@ -8,23 +8,23 @@ sessions, its results; and it tells the task to kill its rank when another rank 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hmac
-import json
+import errno
 import logging
 import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sparkmpi.pmi import AbortRequest, PMIJob, PMIServer
-from sparkmpi.pmi.threaded import ServerThread
+from sparkmpi.pmi import AbortRequest, ListenerLimits, PMIJob, PMIServer
+from sparkmpi.pmi.auth import acceptance_line, authenticate_peer, refusal_line
+from sparkmpi.pmi.listener import GuardedListener
 from sparkmpi.runner.frames import Kind, Parts, decode, encode, read_parts, write_parts
 
 log = logging.getLogger(__name__)
 
 OutputSink = Callable[[int, str, str], None]
-STREAM_LIMIT = 1 << 24  # bytes buffered per control connection (and longest hello line)
+PURPOSE = "control"
+TASK_LOST = "its Spark task was lost (the task, its Python worker or its executor ended)"
 
 
 def print_prefixed(rank: int, stream: str, text: str) -> None:
@@ -49,6 +49,7 @@ class JobState:
     results: dict[int, object] = field(default_factory=dict)
     results_done: threading.Event = field(default_factory=threading.Event)
     links: dict[int, asyncio.StreamWriter] = field(default_factory=dict)
+    hosts: dict[int, str] = field(default_factory=dict)
     closed: bool = False
     changed: threading.Event = field(default_factory=threading.Event)
 
@@ -66,7 +67,11 @@ class JobState:
 
 
 class DriverHub:
-    """PMI server and control listener of this driver, each on its own thread."""
+    """PMI server and control listener of this driver, each on its own thread.
+
+    ``host`` is the address both bind, ``advertise`` the one tasks are told to connect to;
+    ``limits`` bounds unauthenticated peers and sets how long a silent peer keeps its link.
+    """
 
     def __init__(
         self,
@@ -74,11 +79,15 @@ class DriverHub:
         pmi_port: int = 0,
         control_port: int = 0,
         advertise: str | None = None,
+        limits: ListenerLimits | None = None,
     ):
-        self.pmi = PMIServer(host, pmi_port, advertise)
+        self.limits = limits or ListenerLimits()
+        self.pmi = PMIServer(host, pmi_port, advertise, self.limits)
         self.advertise = advertise or host
         self.jobs: dict[str, JobState] = {}
-        self._thread = ServerThread(self._serve, host, control_port, STREAM_LIMIT, "sparkmpi-hub")
+        self._thread = GuardedListener(
+            "sparkmpi-control", host, control_port, self._authenticate, self._converse, self.limits
+        )
 
     def start(self) -> DriverHub:
         """Starts both listeners; returns ``self``."""
@@ -94,6 +103,11 @@ class DriverHub:
     def address(self) -> tuple[str, int]:
         """Where tasks open their control link."""
         return self.advertise, self._thread.port
+
+    @property
+    def listener(self) -> GuardedListener:
+        """The control port's guard: refusal counts, connections still authenticating."""
+        return self._thread
 
     def _call(self, fn: Callable[[], None]) -> None:
         self._thread.call(fn)
@@ -135,6 +149,8 @@ class DriverHub:
         self._call(lambda: self._fail(job, report))
 
     def _fail(self, job: JobState, report: dict) -> None:
+        if report.get("rank") in job.hosts and not report.get("host"):
+            report = {**report, "host": job.hosts[report["rank"]]}
         job.failures.append(report)
         if job.failed.is_set():
             return
@@ -164,48 +180,61 @@ class DriverHub:
         self._call(send)
 
     # -- control connections ----------------------------------------------------------------
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        job, rank = await self._hello(reader, writer)
-        if job is None:
-            writer.close()
-            return
+    def _secret_of(self, job_id: str) -> str | None:
+        job = self.jobs.get(job_id)
+        return None if job is None else job.secret
+
+    async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        verified = await authenticate_peer(self._thread, reader, writer, PURPOSE, self._secret_of)
+        if verified is None:
+            return None
+        claims, secret = verified
+        job, rank = self.jobs.get(claims.job), claims.rank
+        if (
+            job is None
+            or job.failed.is_set()
+            or job.closed
+            or rank in job.links
+            or not 0 <= rank < job.size
+        ):
+            why = f"rank {rank} may not join job {claims.job} now"
+            self._thread.refuse(writer, why, "refused by job")
+            writer.write(refusal_line(why))
+            return None
+        job.links[rank] = writer
+        job.hosts[rank] = claims.host
+        writer.write(acceptance_line(secret, PURPOSE, claims))
+        await writer.drain()
+        return job, rank
+
+    async def _converse(
+        self,
+        session: tuple[JobState, int],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        job, rank = session
+        reason = TASK_LOST
         try:
             while True:
                 kind, parts = await read_parts(reader)
                 self._on_frame(job, rank, kind, parts)
                 if kind is Kind.FINISHED:
                     job.finished.add(rank)
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+        except asyncio.IncompleteReadError:
             pass
+        except OSError as exc:
+            if exc.errno == errno.ETIMEDOUT or isinstance(exc, TimeoutError):
+                reason = (
+                    f"its node stopped answering: no reply from {job.hosts.get(rank)} for "
+                    f"{self.limits.link_timeout:g} s (network down or host frozen)"
+                )
+        except ValueError:
+            reason = "its Spark task sent a corrupt frame"
         finally:
-            writer.close()
             job.links.pop(rank, None)
             if rank not in job.finished and not job.closed:
-                self._fail(job, {"rank": rank, "reason": "its Spark task was lost"})
-
-    async def _hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        def answer(**reply: object) -> None:
-            writer.write((json.dumps(reply) + "\n").encode())
-
-        try:
-            hello = json.loads(await reader.readline())
-            job = self.jobs.get(str(hello["job"]))
-            rank = int(hello["rank"])
-            secret = str(hello["secret"]).encode()
-        except (ValueError, KeyError, TypeError, asyncio.LimitOverrunError):
-            answer(ok=False, error="malformed hello")
-            return None, -1
-        if job is None or not hmac.compare_digest(secret, job.secret.encode()):
-            answer(ok=False, error="unknown job or wrong secret")
-            return None, -1
-        if job.failed.is_set() or job.closed or rank in job.links or not 0 <= rank < job.size:
-            answer(ok=False, error=f"rank {rank} may not join job {job.job_id} now")
-            return None, -1
-        job.links[rank] = writer
-        answer(ok=True)
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        return job, rank
+                self._fail(job, {"rank": rank, "reason": reason})
 
     def _on_frame(self, job: JobState, rank: int, kind: Kind, parts: Parts) -> None:
         if kind is Kind.OUTPUT:
@@ -226,17 +255,22 @@ class DriverHub:
                 job.results_done.set()
 
 
-_hubs: dict[str, DriverHub] = {}
+_hubs: dict[tuple, DriverHub] = {}
 _hubs_lock = threading.Lock()
 
 
 def get_hub(
-    host: str = "127.0.0.1", pmi_port: int = 0, control_port: int = 0, advertise: str | None = None
+    host: str = "127.0.0.1",
+    pmi_port: int = 0,
+    control_port: int = 0,
+    advertise: str | None = None,
+    limits: ListenerLimits | None = None,
 ) -> DriverHub:
-    """The hub of this driver process bound to ``host`` (started on first use)."""
-    key = f"{host}|{pmi_port}|{control_port}|{advertise}"
+    """The hub of this driver process bound to ``host`` with these settings (started on first
+    use, then shared by every job that asks for the same)."""
+    key = (host, pmi_port, control_port, advertise, limits)
     with _hubs_lock:
         hub = _hubs.get(key)
         if hub is None:
-            hub = _hubs[key] = DriverHub(host, pmi_port, control_port, advertise).start()
+            hub = _hubs[key] = DriverHub(host, pmi_port, control_port, advertise, limits).start()
         return hub

@@ -10,7 +10,6 @@ another rank failed, the task kills its rank (SIGKILL: MPICH ranks busy-poll) an
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import selectors
 import signal
@@ -22,7 +21,8 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from sparkmpi.pmi import connect_rank
+from sparkmpi.pmi import PMIAuthError, ServerUnreachable, connect_rank, open_link
+from sparkmpi.pmi.auth import client_handshake
 from sparkmpi.runner.frames import Kind, Parts, decode, encode, recv_parts, send, send_parts
 from sparkmpi.runner.runtime import get_runtime
 from sparkmpi.runner.spare import request_spare, take_spare
@@ -30,6 +30,11 @@ from sparkmpi.runner.spare import request_spare, take_spare
 RANK_MODULE = "sparkmpi.runner.rank"
 ROWS_PER_FRAME = 256
 STDERR_TAIL_LINES = 20
+HANDSHAKE_TIMEOUT_S = 30.0
+ADDRESS_HINT = (
+    "the executors must reach the driver there; set --pmi-host or spark.sparkmpi.pmi.host "
+    "to an address of the driver that they can reach"
+)
 _PMI_VARIABLES = ("PMI_PORT", "PMI_ID", "PMI_FD", "PMI_RANK", "PMI_SIZE", "PMI_DEBUG")
 
 
@@ -55,6 +60,8 @@ class TaskSpec:
     runtime: str = "mpich"
     env: dict[str, str] = field(default_factory=dict)
     prestart: bool = True  # keep a pre-started rank interpreter in each worker (spare.py)
+    connect_timeout: float = 10.0  # seconds to open a connection to the driver
+    link_timeout: float = 5.0  # seconds a silent driver keeps the task's connections
 
 
 def barrier_task(spec: TaskSpec, rows: Iterable) -> Iterator:
@@ -78,21 +85,42 @@ def barrier_task(spec: TaskSpec, rows: Iterable) -> Iterator:
 
 
 def _hub_connect(spec: TaskSpec, rank: int, host: str) -> socket.socket:
-    sock = socket.create_connection(spec.hub, timeout=30)
-    hello = {"job": spec.job_id, "rank": rank, "secret": spec.secret, "host": host}
-    sock.sendall((json.dumps(hello) + "\n").encode())
-    reply = b""
-    while not reply.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            raise RankFailed(f"rank {rank}: the driver closed the control connection")
-        reply += chunk
-    answer = json.loads(reply)
-    if not answer.get("ok"):
+    try:
+        sock = open_link(spec.hub, "driver's control port", spec.connect_timeout, spec.link_timeout)
+    except ServerUnreachable as exc:
+        raise RankFailed(f"MPI rank {rank} on {host} failed: {exc} ({ADDRESS_HINT})") from None
+    try:
+        sock.settimeout(HANDSHAKE_TIMEOUT_S)
+        client_handshake(sock, "control", spec.secret, spec.job_id, rank, host, "driver")
+        sock.settimeout(None)
+        return sock
+    except (PMIAuthError, TimeoutError) as exc:
         sock.close()
-        raise RankAborted(f"rank {rank}: driver refused the task: {answer.get('error')}")
-    sock.settimeout(None)
-    return sock
+        raise RankAborted(f"rank {rank}: no control link to the driver: {exc}") from None
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _pmi_connect(spec: TaskSpec, rank: int, host: str, control: socket.socket) -> socket.socket:
+    """The admitted PMI socket; if the PMI server cannot be reached, the driver is told over
+    the control link (so the job fails at once, naming this rank and node) and RankFailed."""
+    try:
+        return connect_rank(
+            spec.pmi,
+            spec.job_id,
+            spec.secret,
+            rank,
+            host,
+            HANDSHAKE_TIMEOUT_S,
+            connect_timeout=spec.connect_timeout,
+            link_timeout=spec.link_timeout,
+        )
+    except ServerUnreachable as exc:
+        reason = f"{exc} ({ADDRESS_HINT})"
+        with contextlib.suppress(OSError):
+            send(control, Kind.ERROR, {"rank": rank, "host": host, "reason": reason})
+        raise RankFailed(f"MPI rank {rank} on {host} failed: {reason}") from None
 
 
 def launch_rank(
@@ -109,7 +137,7 @@ def launch_rank(
     host = socket.gethostname()
     control = _hub_connect(spec, rank, host)
     try:
-        pmi_sock = connect_rank(spec.pmi, spec.job_id, spec.secret, rank, host)
+        pmi_sock = _pmi_connect(spec, rank, host, control)
     except BaseException:
         control.close()
         raise
