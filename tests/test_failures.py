@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import psutil
 import pytest
 
 from helpers import rank_processes
@@ -100,3 +101,54 @@ def test_spark_keeps_working_after_failures(spark):
     with pytest.raises(MPIJobError):
         run_mpi(spark, lambda comm, rows: 1 / 0, ranks=2, output=None)
     assert run_mpi(spark, lambda comm, rows: [comm.size], ranks=2, output=None).collect() == [2, 2]
+
+
+def _start_helper(pidfile) -> None:
+    """Starts a long-lived child in a session of its own that keeps the rank's pipes open."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True
+    )
+    pidfile.write_text(str(child.pid))
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_failing_rank_with_a_child_in_its_own_session_fails_fast(spark, tmp_path):
+    helpers = [tmp_path / "helper0.pid", tmp_path / "helper1.pid"]
+
+    def fn(comm, rows):
+        _start_helper(helpers[comm.rank])
+        comm.Barrier()
+        if comm.rank == 1:
+            raise RuntimeError("failed after starting a helper")
+        comm.Barrier()
+        yield 0
+
+    start = time.monotonic()
+    with pytest.raises(MPIJobError, match="failed after starting a helper") as info:
+        run_mpi(spark, fn, ranks=2, output=None)
+    assert time.monotonic() - start < 10
+    assert info.value.rank == 1
+    # the failing rank's helper and the killed rank's helper both died with the job
+    assert all(_gone(int(path.read_text())) for path in helpers)
+    assert rank_processes() == []
+
+
+def test_a_finished_rank_leaves_no_child_behind(spark, tmp_path):
+    pidfile = tmp_path / "helper.pid"
+
+    def fn(comm, rows):
+        if comm.rank == 0:
+            _start_helper(pidfile)
+        yield comm.rank
+
+    assert sorted(run_mpi(spark, fn, ranks=2, output=None).collect()) == [0, 1]
+    assert _gone(int(pidfile.read_text()))

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -24,13 +25,16 @@ from dataclasses import dataclass, field
 from sparkmpi.pmi import PMIAuthError, ServerUnreachable, connect_rank, open_link
 from sparkmpi.pmi.auth import client_handshake
 from sparkmpi.runner.frames import Kind, Parts, decode, encode, recv_parts, send, send_parts
+from sparkmpi.runner.proctree import become_subreaper, children_now, kill_tree
 from sparkmpi.runner.runtime import get_runtime
-from sparkmpi.runner.spare import request_spare, take_spare
+from sparkmpi.runner.spare import request_spare, spares_paused, take_spare
 
 RANK_MODULE = "sparkmpi.runner.rank"
 ROWS_PER_FRAME = 256
 STDERR_TAIL_LINES = 20
 HANDSHAKE_TIMEOUT_S = 30.0
+DRAIN_S = 2.0
+"""How long a finished rank's pipes are read for what it printed last."""
 ADDRESS_HINT = (
     "the executors must reach the driver there; set --pmi-host or spark.sparkmpi.pmi.host "
     "to an address of the driver that they can reach"
@@ -141,6 +145,8 @@ def launch_rank(
     except BaseException:
         control.close()
         raise
+    become_subreaper()
+    existed_before = children_now()
     ours, theirs = socket.socketpair()
     child_env = {k: v for k, v in os.environ.items() if k not in _PMI_VARIABLES}
     child_env.update(env)
@@ -175,7 +181,7 @@ def launch_rank(
         pmi_sock.close()
         theirs.close()
     try:
-        return RankSupervisor(spec, rank, host, proc, ours, control).run(rows)
+        return RankSupervisor(spec, rank, host, proc, ours, control, existed_before).run(rows)
     finally:
         if spec.prestart:
             request_spare(command, runtime_env)
@@ -184,8 +190,9 @@ def launch_rank(
 class RankSupervisor:
     """Watches one rank process and its three channels until it ends or must be killed."""
 
-    def __init__(self, spec, rank, host, proc, chan, control):
+    def __init__(self, spec, rank, host, proc, chan, control, existed_before=frozenset()):
         self.spec, self.rank, self.host = spec, rank, host
+        self.existed_before: frozenset[int] = frozenset(existed_before)
         self.proc: subprocess.Popen = proc
         self.chan: socket.socket = chan
         self.control: socket.socket = control
@@ -201,9 +208,13 @@ class RankSupervisor:
         with self.control_lock, contextlib.suppress(OSError):
             send_parts(self.control, kind, parts if parts is not None else encode(obj))
 
+    def kill_tree(self) -> None:
+        """Kills the rank with everything it started, whatever session it is in; reaps them."""
+        with spares_paused() as spares:
+            kill_tree(self.proc.pid, self.existed_before, spares)
+
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.kill_tree()
         self.proc.wait()
 
     # -- input ------------------------------------------------------------------------------
@@ -253,8 +264,7 @@ class RankSupervisor:
                     else:
                         self._output(key.data, sel)
             self.proc.wait()
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)  # whatever the rank left running
+            self.kill_tree()  # whatever the rank left running, in any session
             self._drain(sel)
             return self._finish()
         except BaseException:
@@ -312,12 +322,13 @@ class RankSupervisor:
             send_parts(self.chan, kind, parts)
 
     def _drain(self, sel: selectors.BaseSelector) -> None:
-        """Reads what the dead rank left in its pipes and channel."""
-        while True:
-            keys = [k for k in sel.get_map().values() if k.data in ("stdout", "stderr", "chan")]
-            if not keys:
-                return
-            for key in keys:
+        """Reads what the dead rank left in its pipes and channel (for at most DRAIN_S)."""
+        for key in list(sel.get_map().values()):
+            if key.data in ("exit", "control"):
+                sel.unregister(key.fileobj)
+        deadline = time.monotonic() + DRAIN_S
+        while sel.get_map() and (left := deadline - time.monotonic()) > 0:
+            for key, _ in sel.select(left):
                 if key.data == "chan":
                     self._from_rank(sel)
                 else:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 _LENGTH = struct.Struct("!Q")
@@ -115,6 +116,14 @@ def _needs_fresh_interpreter(started_with: dict[str, str], env: dict[str, str]) 
         key.startswith(_STARTUP_VARIABLES) and env.get(key) != started_with.get(key)
         for key in set(env) | set(started_with)
     )
+
+
+@contextlib.contextmanager
+def spares_paused() -> Iterator[set[int]]:
+    """While the block runs no spare is started in this worker; yields the PIDs of its spares."""
+    with _lock:
+        alive = _spare is not None and _spare.proc.poll() is None
+        yield {_spare.proc.pid} if alive and _spare is not None else set()
 
 
 def take_spare(env: dict[str, str], fds: tuple[int, int]) -> subprocess.Popen | None:
