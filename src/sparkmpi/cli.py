@@ -20,17 +20,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from sparkmpi.runner import MPIJobError, run_script
     from sparkmpi.runner.context import spark_session
 
-    spark = spark_session(args.master, cores=args.np)
+    try:
+        conf = parse_conf(args.conf)
+    except ValueError as exc:
+        print(f"spark-mpi run: {exc}", file=sys.stderr)
+        return 2
+    spark = spark_session(args.master, cores=args.np, conf=conf)
     try:
         run_script(
-            spark, args.script, args.args, ranks=args.np, runtime=args.runtime, timeout=args.timeout
+            spark,
+            args.script,
+            args.args,
+            ranks=args.np,
+            runtime=args.runtime,
+            timeout=args.timeout,
+            pmi_host=args.pmi_host,
         )
-    except (MPIJobError, FileNotFoundError) as exc:
+    except (MPIJobError, FileNotFoundError, ValueError) as exc:
         print(f"spark-mpi run: {exc}", file=sys.stderr)
         return 1
     finally:
         spark.stop()
     return 0
+
+
+def parse_conf(pairs: list[str] | None) -> dict[str, str]:
+    """``["k=v", ...]`` from repeated ``--conf`` options as a dict; ValueError naming a bad one."""
+    conf = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--conf {pair!r}: expected KEY=VALUE")
+        conf[key.strip()] = value
+    return conf
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -73,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--master", help="Spark master URL (default local[NP])")
     run.add_argument("--runtime", choices=("mpich", "impi"), default="mpich")
     run.add_argument("--timeout", type=float, help="fail the job after this many seconds")
+    run.add_argument(
+        "--pmi-host", help="driver address the executors reach (default: see docs/deployment.md)"
+    )
+    run.add_argument(
+        "--conf", action="append", metavar="KEY=VALUE", help="a Spark setting (repeatable)"
+    )
     run.add_argument("script", help="the Python script every rank runs")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     run.set_defaults(func=_cmd_run)

@@ -46,6 +46,7 @@ def collect_info() -> dict[str, str]:
         address = "{}:{}".format(*server.address)
     info["PMI server"] = (
         f"binds {host} (checked: listened on {address}); local mode uses loopback, clusters "
-        "spark.driver.host; override with SPARKMPI_PMI_HOST or spark.sparkmpi.pmi.host"
+        "spark.driver.host (its bindAddress to bind); override with --pmi-host, "
+        "SPARKMPI_PMI_HOST or spark.sparkmpi.pmi.host"
     )
     return info

@@ -87,11 +87,13 @@ def run_script(
     env: dict[str, str] | None = None,
     timeout: float | None = None,
     output: OutputSink | None = print_prefixed,
+    pmi_host: str | None = None,
 ) -> None:
     """Runs an mpi4py script as ``ranks`` ranks, as ``mpiexec -n ranks python script args`` would.
 
     The script's text is read here and shipped to the ranks, so it need not exist on the
     executors. Raises :class:`MPIJobError` if any rank fails or exits with a non-zero status.
+    ``pmi_host`` is the driver address the executors reach (as for :func:`run_mpi`).
     """
     path = Path(script)
     try:
@@ -101,5 +103,7 @@ def run_script(
     _check_ranks(ranks)
     rdd = spark_context(spark).parallelize([], ranks)
     body = {"mode": "script", "script": (str(path), source, list(args or []))}
-    job = BarrierJob(rdd, "script", body, runtime=runtime, env=env, output=output)
+    job = BarrierJob(
+        rdd, "script", body, runtime=runtime, env=env, output=output, pmi_host=pmi_host
+    )
     job.run(lambda rdd: rdd.count(), timeout)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
 import threading
 import time
 from functools import partial
 
+from sparkmpi.pmi import ListenerLimits
+from sparkmpi.runner.addresses import listen_address
 from sparkmpi.runner.errors import InsufficientSlotsError, MPIJobError, error_from_reports
 from sparkmpi.runner.frames import encode
 from sparkmpi.runner.hub import DriverHub, JobState, OutputSink, get_hub, print_prefixed
@@ -86,27 +87,51 @@ def _setting(conf, name: str) -> str | None:
     )
 
 
-def hub_for(sc, pmi_host: str | None = None) -> DriverHub:
-    """The driver's hub, bound where this context's executors can reach it.
+def _seconds(conf, name: str, default: float) -> float:
+    value = _setting(conf, name)
+    try:
+        seconds = float(value) if value else default
+    except ValueError:
+        raise ValueError(f"spark.sparkmpi.{name}={value!r} is not a number of seconds") from None
+    if seconds <= 0:
+        raise ValueError(f"spark.sparkmpi.{name} must be positive, got {value!r}")
+    return seconds
 
-    Address: ``pmi_host``, else ``spark.sparkmpi.pmi.host`` / ``SPARKMPI_PMI_HOST``, else
-    loopback in local mode and ``spark.driver.host`` on a cluster. Ports (default: any free
-    one): ``spark.sparkmpi.pmi.port`` / ``SPARKMPI_PMI_PORT`` and ``spark.sparkmpi.control.port``
-    / ``SPARKMPI_CONTROL_PORT``.
+
+def listener_limits(conf) -> ListenerLimits:
+    """The driver listeners' limits from ``spark.sparkmpi.link.timeout`` (seconds a silent peer
+    keeps its connection, default 5) and ``spark.sparkmpi.auth.timeout`` (seconds to
+    authenticate, default 5), or ``SPARKMPI_LINK_TIMEOUT`` / ``SPARKMPI_AUTH_TIMEOUT``."""
+    defaults = ListenerLimits()
+    return ListenerLimits(
+        auth_deadline=_seconds(conf, "auth.timeout", defaults.auth_deadline),
+        link_timeout=_seconds(conf, "link.timeout", defaults.link_timeout),
+    )
+
+
+def hub_for(sc, pmi_host: str | None = None) -> DriverHub:
+    """The driver's hub, bound where this context's executors can reach it
+    (:mod:`sparkmpi.runner.addresses` has the rule; ``pmi_host`` overrides it).
+
+    Ports (default: any free one): ``spark.sparkmpi.pmi.port`` / ``SPARKMPI_PMI_PORT`` and
+    ``spark.sparkmpi.control.port`` / ``SPARKMPI_CONTROL_PORT``.
     """
     conf = sc.getConf()
-    host = pmi_host or _setting(conf, "pmi.host")
-    if not host:
-        if sc.master.startswith("local"):
-            host = "127.0.0.1"
-        else:
-            host = conf.get("spark.driver.host") or socket.gethostbyname(socket.gethostname())
+    address = listen_address(sc.master, conf.get, pmi_host or _setting(conf, "pmi.host"))
     pmi_port = int(_setting(conf, "pmi.port") or 0)
     control_port = int(_setting(conf, "control.port") or 0)
-    return get_hub(host, pmi_port, control_port)
+    limits = listener_limits(conf)
+    try:
+        return get_hub(address.bind, pmi_port, control_port, address.advertise, limits)
+    except OSError as exc:
+        raise MPIJobError(
+            f"cannot listen for MPI ranks on {address.bind} (chosen by: {address.rule}): "
+            f"{exc.strerror or exc}"
+        ) from None
 
 
 _EXCEPTION_LINE = re.compile(r"^\s*(?:[\w.]+\.)?\w+(?:Error|Exception|Failed|Aborted): .+")
+_RANK_FAILED = re.compile(r"RankFailed: MPI rank (\d+) on (\S+) failed: (.+)")
 
 
 def spark_error_summary(error: BaseException) -> str:
@@ -140,6 +165,7 @@ class BarrierJob:
         ensure_slots(self.sc, self.size, slot_wait)
         self.hub = hub_for(self.sc, pmi_host)
         self.state: JobState = self.hub.create_job(self.size, output)
+        limits = self.hub.limits
         spec = TaskSpec(
             job_id=self.state.job_id,
             secret=self.state.secret,
@@ -151,6 +177,8 @@ class BarrierJob:
             runtime=runtime,
             env=dict(env or {}),
             prestart=os.environ.get("SPARKMPI_PRESTART", "1") != "0",
+            connect_timeout=limits.link_timeout,
+            link_timeout=limits.link_timeout,
         )
         self.rdd = rdd.barrier().mapPartitions(partial(barrier_task, spec))
         self.group = f"sparkmpi-{self.state.job_id}"
@@ -188,10 +216,19 @@ class BarrierJob:
             self._raise_failure()
         self.close()
         if error is not None:
-            raise MPIJobError(
-                f"Spark failed to run MPI job {state.job_id}: {spark_error_summary(error)}"
-            ) from error
+            raise self._spark_failure(error) from error
         return value
+
+    def _spark_failure(self, error: BaseException) -> MPIJobError:
+        """The MPIJobError for a job that Spark failed before any rank could tell the driver
+        (e.g. a task that cannot reach the driver): named after the rank when a task said which."""
+        summary = spark_error_summary(error)
+        match = _RANK_FAILED.search(summary)
+        if match is None:
+            return MPIJobError(f"Spark failed to run MPI job {self.state.job_id}: {summary}")
+        rank, host, reason = int(match.group(1)), match.group(2), match.group(3)
+        report = {"rank": rank, "host": host, "reason": reason}
+        return error_from_reports(self.state.job_id, self.size, [report])
 
     def _watch(self, finished: threading.Event, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
