@@ -40,6 +40,16 @@ if [ "${SPARKMPI_NO_SLURM:-0}" != 1 ] && ! command -v slurmd >/dev/null 2>&1; th
     apt_install munge slurmctld slurmd slurm-client
 fi
 
+# iproute2 (ip, tc) and util-linux (unshare) for clusters of network namespaces
+# (scripts/netns-cluster.sh and the multi-node tests)
+if ! command -v ip >/dev/null 2>&1 || ! command -v tc >/dev/null 2>&1; then
+    echo "setup: installing iproute2 for the network-namespace cluster"
+    apt_install iproute2
+fi
+if ! command -v unshare >/dev/null 2>&1; then
+    apt_install util-linux
+fi
+
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || { echo "setup: Python >= 3.11 needed, $PYTHON is $("$PYTHON" -V)"; exit 1; }
 "$PYTHON" -m pip install -q -e ".[dev]"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import rank_processes
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+NETNS_SUBNET = "10.78.0.0/24"
+"""The multi-node tests' nodes; a second root address in ``10.79.0.0/24`` reaches none of them."""
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +52,20 @@ class Captured:
 @pytest.fixture
 def captured() -> Captured:
     return Captured()
+
+
+@pytest.fixture(scope="session")
+def netns_cluster(tmp_path_factory):
+    """Three nodes in network namespaces (2, 1 and 1 cores) on a bridge, a Spark worker in
+    each, the master in the root namespace; shared by the multi-node tests (root only)."""
+    from sparkmpi.deploy.netns import NetnsCluster, netns_unavailable
+
+    why = netns_unavailable()
+    if why:
+        pytest.skip(f"multi-node tests need network namespaces: {why}")
+    state = tmp_path_factory.mktemp("netns")
+    prefix = f"t{os.getpid() % 100000}"
+    cluster = NetnsCluster(state, nodes=3, cores=[2, 1, 1], prefix=prefix, subnet=NETNS_SUBNET)
+    cluster.start()
+    yield cluster
+    cluster.stop()

@@ -7,14 +7,74 @@ import os
 from pathlib import Path
 
 
+def _cores(text: str) -> list[int]:
+    try:
+        cores = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or N,N,... cores") from None
+    if min(cores) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: cores must be positive")
+    return cores
+
+
+def _state_dir(args: argparse.Namespace) -> str:
+    from sparkmpi.deploy.netns import DEFAULT_STATE as NETNS_STATE
+    from sparkmpi.deploy.standalone import DEFAULT_STATE
+
+    if args.state_dir:
+        return args.state_dir
+    return str(NETNS_STATE if args.netns else DEFAULT_STATE)
+
+
+def _start_netns(args: argparse.Namespace) -> int:
+    from sparkmpi.deploy.netns import NetnsCluster, netns_unavailable
+
+    why = netns_unavailable()
+    if why:
+        raise RuntimeError(f"cannot build a namespace cluster here: {why}")
+    cores = args.cores[0] if len(args.cores) == 1 else args.cores
+    state_dir = _state_dir(args)
+    cluster = NetnsCluster(
+        state_dir,
+        nodes=args.netns,
+        cores=cores,
+        memory=args.memory,
+        prefix=args.prefix,
+        subnet=args.subnet,
+        rate=args.rate,
+        delay=args.delay,
+    ).start()
+    print(
+        f"{cluster.url}: {len(cluster.nodes)} node(s) on bridge {cluster.bridge}; "
+        f"state in {state_dir}"
+    )
+    for node in cluster.nodes:
+        print(f"  {node.name:<14} {node.address:<15} {node.cores} core(s)")
+    print(
+        f"use: SPARK_LOCAL_IP={cluster.bridge_address} spark-mpi run --master {cluster.url} "
+        "--np 2 script.py"
+    )
+    return 0
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     from sparkmpi.deploy.standalone import StandaloneCluster
 
+    if args.netns:
+        return _start_netns(args)
+    if len(args.cores) != 1:
+        raise ValueError("--cores takes one number without --netns")
+    args.state_dir = _state_dir(args)
     cluster = StandaloneCluster(
-        args.state_dir, workers=args.workers, cores=args.cores, memory=args.memory, host=args.host
+        args.state_dir,
+        workers=args.workers,
+        cores=args.cores[0],
+        memory=args.memory,
+        host=args.host,
     ).start()
     print(
-        f"{cluster.url}: {args.workers} worker(s) x {args.cores} core(s); state in {args.state_dir}"
+        f"{cluster.url}: {args.workers} worker(s) x {args.cores[0]} core(s); "
+        f"state in {args.state_dir}"
     )
     print(
         f"use: spark-mpi run --master {cluster.url} ...  or  --master {cluster.url} in spark-submit"
@@ -23,18 +83,40 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
+    from sparkmpi.deploy.netns import NetnsCluster, NetnsError
     from sparkmpi.deploy.standalone import StandaloneCluster
 
-    cluster = StandaloneCluster.load(args.state_dir)
+    state_dir = _state_dir(args)
+    if args.netns:
+        try:
+            cluster = NetnsCluster.load(state_dir)
+        except NetnsError:
+            if not args.prefix:
+                raise
+            removed = NetnsCluster.cleanup(args.prefix)
+            print(f"prefix {args.prefix}: removed {len(removed)} namespace(s) and link(s)")
+            return 0
+        cluster.stop()
+        print(f"{cluster.url}: stopped; namespaces and links removed")
+        return 0
+    cluster = StandaloneCluster.load(state_dir)
     cluster.stop()
     print(f"{cluster.url}: stopped")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from sparkmpi.deploy.netns import NetnsCluster
     from sparkmpi.deploy.standalone import StandaloneCluster
 
-    cluster = StandaloneCluster.load(args.state_dir)
+    state_dir = _state_dir(args)
+    if args.netns:
+        netns = NetnsCluster.load(state_dir)
+        alive = netns.alive_hosts()
+        for node in netns.nodes:
+            state = "worker alive" if node.address in alive else "no worker"
+            print(f"  {node.name:<14} {node.address:<15} {node.cores} core(s)  {state}")
+    cluster = StandaloneCluster.load(state_dir)
     if args.wait_workers:
         cluster.wait_for_workers(args.wait_workers, args.timeout)
     status = cluster.status()
@@ -84,24 +166,37 @@ def cmd_slurm_submit(args: argparse.Namespace) -> int:
 
 def add_commands(sub) -> None:
     """Registers ``cluster`` and ``slurm`` on the ``spark-mpi`` parser."""
+    from sparkmpi.deploy.netns import DEFAULT_STATE as NETNS_STATE
     from sparkmpi.deploy.standalone import DEFAULT_STATE
 
     cluster = sub.add_parser("cluster", help="Spark standalone cluster: start, stop, status")
     cluster_sub = cluster.add_subparsers(dest="cluster", required=True)
     start = cluster_sub.add_parser("start", help="start a master and workers on this machine")
     start.add_argument("--workers", type=int, default=2, help="local workers (2)")
-    start.add_argument("--cores", type=int, default=1, help="cores per worker (1)")
+    start.add_argument(
+        "--cores", type=_cores, default=[1], help="cores per worker (1); with --netns N,N,..."
+    )
     start.add_argument("--memory", default="1g", help="memory per worker (1g)")
     start.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    start.add_argument("--state-dir", default=str(DEFAULT_STATE), help="PIDs, logs, URL")
+    start.add_argument("--netns", type=int, metavar="N", help="N nodes in network namespaces")
+    start.add_argument("--subnet", default="10.77.0.0/24", help="--netns: the nodes' subnet")
+    start.add_argument("--rate", help="--netns: limit each node's link, e.g. 10gbit")
+    start.add_argument("--delay", help="--netns: delay on each link, e.g. 0.1ms (needs netem)")
     start.set_defaults(func=cmd_start)
     for name, func, text in (
         ("stop", cmd_stop, "stop the cluster recorded in the state directory"),
         ("status", cmd_status, "URL, workers alive, processes"),
     ):
         command = cluster_sub.add_parser(name, help=text)
-        command.add_argument("--state-dir", default=str(DEFAULT_STATE))
+        command.add_argument("--netns", action="store_true", help="a namespace cluster")
         command.set_defaults(func=func)
+    for command in (start, cluster_sub.choices["stop"], cluster_sub.choices["status"]):
+        command.add_argument(
+            "--state-dir", help=f"PIDs, logs, URL ({DEFAULT_STATE}; --netns: {NETNS_STATE})"
+        )
+        command.add_argument(
+            "--prefix", default="smpi", help="--netns: names of namespaces and links (smpi)"
+        )
     status = cluster_sub.choices["status"]
     status.add_argument("--wait-workers", type=int, default=0, help="wait until N are alive")
     status.add_argument("--timeout", type=float, default=120.0)
