@@ -45,6 +45,16 @@ from sparkmpi.deploy.standalone import StandaloneCluster, _alive, worker_command
 DEFAULT_STATE = Path.home() / ".sparkmpi" / "netns"
 REGISTRY = Path("/run/sparkmpi-netns")
 _PREFIX = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+NODE_ENV = {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": "eth0"}
+"""What every process of a node runs with. The nodes share one kernel, so UCX (MPICH's network
+module) would find a rank of another node through its same-host transports (shared memory,
+cross-memory attach), whatever the host names say; between nodes it must use the network, as
+between real hosts. Ranks on one node still share memory: MPICH's own shared-memory module
+serves them, chosen from ``PMI_process_mapping``."""
+
+
+def _node_env() -> list[str]:
+    return [f"{key}={value}" for key, value in NODE_ENV.items()]
 
 
 def netns_unavailable() -> str | None:
@@ -224,8 +234,8 @@ class NetnsCluster:
         return ipaddress.ip_network(self.subnet).prefixlen
 
     def node_command(self, node: Node, argv: list[str]) -> list[str]:
-        """``argv`` run inside ``node``: its network namespace, its own host name."""
-        enter = ["ip", "netns", "exec", node.name, "unshare", "--uts", "--"]
+        """``argv`` run inside ``node``: its network namespace, its own host name, NODE_ENV."""
+        enter = ["ip", "netns", "exec", node.name, "unshare", "--uts", "--", "env", *_node_env()]
         return [*enter, "sh", "-c", 'hostname "$0" && exec "$@"', node.name, *argv]
 
     def _start_worker(self, node: Node) -> None:
@@ -246,7 +256,8 @@ case "$host" in
 {cases}
     *) echo "launch-on-node: no node $host" >&2; exit 1 ;;
 esac
-exec ip netns exec "$ns" unshare --uts -- sh -c "hostname $ns && exec $*"
+exec ip netns exec "$ns" unshare --uts -- env {" ".join(_node_env())} \\
+    sh -c "hostname $ns && exec $*"
 """
         self.mpiexec_launcher.write_text(script)
         self.mpiexec_launcher.chmod(0o755)
@@ -259,7 +270,8 @@ exec ip netns exec "$ns" unshare --uts -- sh -c "hostname $ns && exec $*"
             address = self.node_of(name).address
             placed.append(f"{address}:{slots}" if slots else address)
         launcher = ["-launcher", "ssh", "-launcher-exec", str(self.mpiexec_launcher)]
-        return ["-hosts", ",".join(placed), *launcher, "-iface", self.bridge]
+        env = [arg for key, value in NODE_ENV.items() for arg in ("-genv", key, value)]
+        return ["-hosts", ",".join(placed), *launcher, "-iface", self.bridge, *env]
 
     # -- workers ------------------------------------------------------------------------------
     def alive_hosts(self) -> set[str]:
