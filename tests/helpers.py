@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -78,3 +79,20 @@ def spark_mpi(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+def run_bench(tmp_path, name: str, *args: str, timeout: float = 300, env=None):
+    """``spark-mpi bench NAME ARGS --json --plot`` in ``tmp_path``: checks it succeeded and
+    drew a plot; returns the finished process and the JSON it wrote."""
+    out_json, out_png = tmp_path / f"{name}.json", tmp_path / f"{name}.png"
+    outputs = ["--json", str(out_json), "--plot", str(out_png)]
+    done = subprocess.run(
+        [sys.executable, "-m", "sparkmpi.cli", "bench", name, *args, *outputs],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out_png.stat().st_size > 1000
+    return done, json.loads(out_json.read_text())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import run_bench
 from sparkmpi import run_mpi
 from sparkmpi.deploy.standalone import StandaloneCluster
 
@@ -88,23 +88,6 @@ spark.stop()
     out = eval(line[len("RESULT ") :])
     assert [(r, total, gpus) for r, _, total, gpus in out] == [(0, 3.0, "0"), (1, 3.0, "0")]
     assert all(lib.startswith("MPICH") for _, lib, _, _ in out)
-
-
-def run_bench(tmp_path, name: str, *args: str, timeout: float = 300, env=None):
-    """``spark-mpi bench NAME ARGS --json --plot`` in ``tmp_path``: checks it succeeded and
-    drew a plot; returns the finished process and the JSON it wrote."""
-    out_json, out_png = tmp_path / f"{name}.json", tmp_path / f"{name}.png"
-    outputs = ["--json", str(out_json), "--plot", str(out_png)]
-    done = subprocess.run(
-        [sys.executable, "-m", "sparkmpi.cli", "bench", name, *args, *outputs],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert out_png.stat().st_size > 1000
-    return done, json.loads(out_json.read_text())
 
 
 def test_bench_launch_quick(tmp_path):

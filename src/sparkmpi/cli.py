@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     allreduce.add_argument("--repeat", type=int, default=10)
     allreduce.add_argument("--master", help="Spark master URL (default local[max ranks])")
     allreduce.add_argument("--quick", action="store_true", help="small arrays, N = 1, 2")
+    allreduce.add_argument(
+        "--netns", type=int, metavar="N", help="on a new cluster of N network namespaces (root)"
+    )
+    allreduce.add_argument("--cluster", help="on the namespace cluster in this state directory")
+    allreduce.add_argument("--rate", default="10gbit", help="node link rate with --netns (10gbit)")
+    allreduce.add_argument("--delay", help="node link delay with --netns, e.g. 0.1ms (netem)")
+    allreduce.add_argument("--subnet", default="10.88.0.0/24", help="--netns cluster's subnet")
     allreduce.add_argument("--json", help="write the results as JSON here")
     allreduce.add_argument("--plot", help="write a PNG plot here")
     allreduce.set_defaults(func=_bench("allreduce"))
@@ -153,6 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
     ptycho.add_argument("--json", help="write the figures as JSON here")
     ptycho.add_argument("--plot", help="write a PNG plot here")
     ptycho.set_defaults(func=_bench("ptycho"))
+    faults = bench_sub.add_parser(
+        "faults", help="faults under a job on a namespace cluster; driver under floods"
+    )
+    faults.add_argument(
+        "--faults",
+        default="link-down,task-killed,worker-killed,helper-child,pmi-filtered,wrong-pmi-host",
+        help="which faults (comma-separated; empty: none)",
+    )
+    faults.add_argument("--repeat", type=int, default=1, help="runs of each fault (1)")
+    faults.add_argument("--cluster", help="use the namespace cluster in this state directory")
+    faults.add_argument("--subnet", default="10.87.0.0/24", help="its subnet if one is made")
+    faults.add_argument(
+        "--flood-connections", type=int, default=1100, help="idle connections (0: no floods)"
+    )
+    faults.add_argument("--json", help="write the results as JSON here")
+    faults.add_argument("--plot", help="write a PNG plot here")
+    faults.set_defaults(func=_bench("faults"))
     stream = bench_sub.add_parser("stream", help="streamed scan through Kafka and ZeroMQ")
     stream.add_argument("--frames", type=int, default=512, help="frames in the scan (512)")
     stream.add_argument("--size", type=int, default=128, help="frame edge (128)")

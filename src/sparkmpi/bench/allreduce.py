@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 
 import numpy as np
@@ -62,11 +63,43 @@ def _median_time(fn, repeat: int):
 
 
 def _allreduce_in_ranks(repeat: int, comm, rows):
+    from mpi4py import MPI
+
     (local,) = list(rows)
     seconds, total = timed_allreduce(comm, local, repeat)
     exact = bool(np.allclose(total, expected_sum(comm.size, local.size), rtol=RTOL))
+    hosts = comm.gather(MPI.Get_processor_name())
     if comm.rank == 0:
-        yield seconds, checksum(total), exact
+        yield seconds, checksum(total), exact, hosts
+
+
+def spark_mpi_allreduce(arrays, repeat: int) -> tuple[float, list[str]]:
+    """Median seconds of ``MPI_Allreduce`` over the cached ``arrays`` (one per rank) inside ranks
+    started by :func:`run_mpi`, and the node each rank ran on; WrongSum if the sum is wrong."""
+    from sparkmpi import run_mpi
+
+    ranks = arrays.getNumPartitions()
+    size = arrays.first().size
+    ((seconds, mpi_sum, elementwise, hosts),) = run_mpi(
+        arrays, partial(_allreduce_in_ranks, repeat), output=None
+    ).collect()
+    _check("Spark-MPI", mpi_sum, checksum(expected_sum(ranks, size)))
+    if not elementwise:
+        raise WrongSum("Spark-MPI: element-wise sum differs")
+    return seconds, hosts
+
+
+def cached_arrays(spark, ranks: int, size: int):
+    """``ranks`` arrays of ``size`` float32, one per partition, cached on the executors."""
+    sc = spark.sparkContext
+    arrays = sc.parallelize(range(ranks), ranks).map(partial(_make, size)).cache()
+    arrays.count()
+    return arrays
+
+
+def local_mpiexec(mpiexec: str) -> Callable[[list[str]], list[str]]:
+    """``mpiexec`` on this host, wherever the Spark ranks ran."""
+    return lambda hosts: [mpiexec]
 
 
 def _allreduce_once(comm, rows):
@@ -77,13 +110,21 @@ def _allreduce_once(comm, rows):
         yield checksum(total)
 
 
-def measure(spark, ranks: int, size: int, repeat: int, mpiexec: str, rounds: int = ROUNDS) -> dict:
-    """One row of the table: median seconds of each approach for ``ranks`` arrays of ``size``."""
+def measure(
+    spark,
+    ranks: int,
+    size: int,
+    repeat: int,
+    mpiexec: Callable[[list[str]], list[str]],
+    rounds: int = ROUNDS,
+) -> dict:
+    """One row of the table: median seconds of each approach for ``ranks`` arrays of ``size``.
+
+    ``mpiexec(hosts)`` is the ``mpiexec`` command (without ``-n``) that places ranks on the
+    nodes the Spark ranks ran on (``hosts[r]``: rank ``r``'s node)."""
     from sparkmpi import run_mpi
 
-    sc = spark.sparkContext
-    arrays = sc.parallelize(range(ranks), ranks).map(partial(_make, size)).cache()
-    arrays.count()
+    arrays = cached_arrays(spark, ranks, size)
     exact = expected_sum(ranks, size)
     expected = checksum(exact)
     row: dict = {"ranks": ranks, "size": size, "oversubscribed": ranks > (os.cpu_count() or 1)}
@@ -99,17 +140,16 @@ def measure(spark, ranks: int, size: int, repeat: int, mpiexec: str, rounds: int
     row["tree_reduce_s"], total = _median_time(lambda: arrays.treeReduce(np.add), repeat)
     _check("treeReduce", checksum(total), expected)
 
+    hosts: list[str] = []
+
     def in_spark_ranks() -> float:
-        ((seconds, mpi_sum, elementwise),) = run_mpi(
-            arrays, partial(_allreduce_in_ranks, repeat), output=None
-        ).collect()
-        _check("Spark-MPI", mpi_sum, expected)
-        if not elementwise:
-            raise WrongSum("Spark-MPI: element-wise sum differs")
+        seconds, where = spark_mpi_allreduce(arrays, repeat)
+        hosts[:] = where
         return seconds
 
     def under_mpiexec() -> float:
-        cmd = [mpiexec, "-n", str(ranks), sys.executable, "-m", KERNEL, str(size), str(repeat)]
+        cmd = [*mpiexec(hosts), "-n", str(ranks), sys.executable, "-m", KERNEL]
+        cmd += [str(size), str(repeat)]
         done = subprocess.run(
             cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, check=True
         )
@@ -137,6 +177,8 @@ def measure(spark, ranks: int, size: int, repeat: int, mpiexec: str, rounds: int
     row["mpi_end_to_end_s"], value = _median_time(end_to_end, max(1, min(repeat, 5)))
     _check("Spark-MPI end to end", value, expected)
     row["sums_agree"] = True
+    row["hosts"] = hosts
+    row["nodes"] = len(set(hosts))
     row["driver_worker_over_mpi"] = row["collect_s"] / row["mpi_allreduce_s"]
     row["mpi_over_mpiexec"] = row["mpi_allreduce_s"] / row["mpiexec_allreduce_s"]
     arrays.unpersist()
@@ -187,45 +229,66 @@ def plot(path: str | None, results: list[dict]) -> None:
     plt.close(fig)
 
 
-def main(args: argparse.Namespace) -> int:
-    from sparkmpi.runner.context import spark_session
-    from sparkmpi.runner.runtime import get_runtime
-
-    ranks = [1, 2] if args.quick else [int(n) for n in args.ranks.split(",")]
-    size = 20_000 if args.quick else args.size
-    repeat = 3 if args.quick else args.repeat
-    if min(ranks) < 1 or size < 1 or repeat < 1:
-        print("spark-mpi bench allreduce: ranks, size and repeat must be positive", file=sys.stderr)
-        return 2
-    mpiexec = str(get_runtime("mpich").mpiexec)
-    spark = spark_session(args.master, cores=max(ranks), app_name="spark-mpi bench allreduce")
+def run_table(spark, ranks: list[int], size: int, repeat: int, mpiexec, rounds: int) -> list[dict]:
+    """One :func:`measure` row per rank count, with a progress bar."""
     results = []
-    try:
-        with Progress() as progress:
-            task = progress.add_task("Allreduce benchmark", total=len(ranks))
-            for n in ranks:
-                progress.update(task, description=f"N={n}, {size:,} float32 per rank")
-                results.append(
-                    measure(spark, n, size, repeat, mpiexec, 1 if args.quick else ROUNDS)
-                )
-                progress.advance(task)
-    except WrongSum as exc:
-        print(f"spark-mpi bench allreduce: wrong result: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        spark.stop()
+    with Progress() as progress:
+        task = progress.add_task("Allreduce benchmark", total=len(ranks))
+        for n in ranks:
+            progress.update(task, description=f"N={n}, {size:,} float32 per rank")
+            results.append(measure(spark, n, size, repeat, mpiexec, rounds))
+            progress.advance(task)
+    return results
+
+
+def report(args: argparse.Namespace, results: list[dict], repeat: int, **extra: object) -> None:
+    """The table on the terminal, the JSON and the plot."""
+    size = results[0]["size"]
     columns, rows = table_rows(results)
     print_table(
         f"Sum of N arrays of {size:,} float32 — seconds (median of {repeat})", columns, rows
     )
-    write_json(
-        args.json,
-        {
-            "results": results,
-            "repeat": repeat,
-            "cpu_count": os.cpu_count(),
-            "paper_table_i": PAPER_TABLE_I,
-        },
-    )
+    data = {
+        "results": results,
+        "repeat": repeat,
+        "cpu_count": os.cpu_count(),
+        "paper_table_i": PAPER_TABLE_I,
+    }
+    write_json(args.json, {**data, **extra})
     plot(args.plot, results)
+
+
+def main(args: argparse.Namespace) -> int:
+    from sparkmpi.runner.context import spark_session
+    from sparkmpi.runner.runtime import get_runtime
+
+    on_nodes = bool(getattr(args, "netns", None) or getattr(args, "cluster", None))
+    default_ranks = "1,2,3" if on_nodes and args.ranks == "1,2,4,8" else args.ranks
+    ranks = [1, 2] if args.quick else [int(n) for n in default_ranks.split(",")]
+    size = 20_000 if args.quick else args.size
+    repeat = 3 if args.quick else args.repeat
+    rounds = 1 if args.quick else ROUNDS
+    if min(ranks) < 1 or size < 1 or repeat < 1:
+        print("spark-mpi bench allreduce: ranks, size and repeat must be positive", file=sys.stderr)
+        return 2
+    mpiexec = str(get_runtime("mpich").mpiexec)
+    try:
+        if on_nodes:
+            from sparkmpi.bench.allreduce_nodes import run_on_nodes
+
+            results, extra = run_on_nodes(args, ranks, size, repeat, rounds, mpiexec)
+        else:
+            spark = spark_session(args.master, cores=max(ranks), app_name="bench allreduce")
+            try:
+                results = run_table(spark, ranks, size, repeat, local_mpiexec(mpiexec), rounds)
+            finally:
+                spark.stop()
+            extra = {}
+    except WrongSum as exc:
+        print(f"spark-mpi bench allreduce: wrong result: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"spark-mpi bench allreduce: {exc}", file=sys.stderr)
+        return 1
+    report(args, results, repeat, **extra)
     return 0

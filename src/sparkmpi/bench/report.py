@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
+import platform
+import subprocess
 from pathlib import Path
 
 from rich.console import Console
@@ -18,10 +22,65 @@ def print_table(title: str, columns: list[str], rows: list[list[object]]) -> Non
     Console().print(table)
 
 
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", *args],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except OSError:
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def provenance() -> dict:
+    """Which code made a figure, when, and on what machine."""
+    import psutil
+
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "commit": _git("rev-parse", "HEAD") or "unknown (not a git checkout)",
+        "uncommitted_changes": bool(status) if status is not None else None,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu_model": _cpu_model(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+        },
+        "software": {name: _version(name) for name in ("pyspark", "mpi4py", "mpich", "numpy")},
+    }
+
+
+def _version(distribution: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def write_json(path: str | Path | None, data: dict) -> None:
+    """Writes ``data`` with its provenance (commit, date, machine) as JSON at ``path``."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+        record = {**data, "provenance": provenance()}
+        Path(path).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def bar_plot(path: str | Path | None, title: str, labels: list[str], seconds: list[float]) -> None:
