@@ -40,7 +40,7 @@ class ListenerLimits:
     """Seconds from accept to a complete authentication line."""
     max_line: int = 4096
     """Longest line the reader buffers (the authentication line included)."""
-    max_unauthenticated: int = 256
+    max_unauthenticated: int = 128
     """Connections allowed to be in the authentication phase at once."""
     link_timeout: float = DEFAULT_LINK_TIMEOUT_S
     """Seconds without an answer from the peer's host after which a connection fails."""
