@@ -200,15 +200,8 @@ def table_rows(results: list[dict]) -> tuple[list[str], list[list[object]]]:
     return columns, rows
 
 
-def plot(path: str | None, results: list[dict]) -> None:
-    if not path:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+def draw_table(ax, results: list[dict], where: str = "") -> None:
+    """Table I on ``ax``: seconds per approach against N, with the paper's figures."""
     ns = [r["ranks"] for r in results]
     for key, label in APPROACHES:
         ax.plot(ns, [r[key] for r in results], marker="o", label=label)
@@ -221,9 +214,29 @@ def plot(path: str | None, results: list[dict]) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("ranks / workers N (log scale)")
     ax.set_ylabel("seconds, median (log scale)")
-    size = results[0]["size"]
-    ax.set_title(f"Sum of N arrays of {size:,} float32")
+    ax.set_title(f"Sum of N arrays of {results[0]['size']:,} float32{where}", fontsize=10)
     ax.legend(fontsize=7)
+
+
+def plot(path: str | None, results: list[dict], extra: dict | None = None) -> None:
+    """Table I as a PNG; with a link check (runs on namespace nodes), a second panel."""
+    if not path:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    check = (extra or {}).get("link_check") or []
+    cluster = (extra or {}).get("cluster")
+    fig, axes = plt.subplots(1, 2 if check else 1, figsize=(12 if check else 7, 4.5), dpi=120)
+    ax = axes[0] if check else axes
+    where = f" on {len(cluster['nodes'])} nodes, {cluster['link_rate']} links" if cluster else ""
+    draw_table(ax, results, where)
+    if check:
+        from sparkmpi.bench.allreduce_nodes import draw_link_check
+
+        draw_link_check(axes[1], check)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -255,7 +268,7 @@ def report(args: argparse.Namespace, results: list[dict], repeat: int, **extra: 
         "paper_table_i": PAPER_TABLE_I,
     }
     write_json(args.json, {**data, **extra})
-    plot(args.plot, results)
+    plot(args.plot, results, extra)
 
 
 def main(args: argparse.Namespace) -> int:

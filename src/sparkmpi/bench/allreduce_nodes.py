@@ -102,6 +102,35 @@ def link_check(
     return rows
 
 
+def draw_link_check(ax, rows: list[dict]) -> None:
+    """Bars: Allreduce seconds of two ranks on two nodes and on one, per link rate."""
+    rates = list(dict.fromkeys(r["link_rate"] for r in rows))
+    places = list(dict.fromkeys(r["ranks"] for r in rows))
+    width = 0.8 / len(rates)
+    for i, rate in enumerate(rates):
+        values = [
+            next(r["seconds"] for r in rows if (r["ranks"], r["link_rate"]) == (p, rate))
+            for p in places
+        ]
+        xs = [x + i * width for x in range(len(places))]
+        bars = ax.bar(xs, [v * 1e3 for v in values], width, label=f"node links at {rate}")
+        for bar, value in zip(bars, values, strict=True):
+            ax.annotate(
+                f"{value * 1e3:.1f} ms",
+                (bar.get_x() + bar.get_width() / 2, value * 1e3),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+    ax.set_xticks([x + width * (len(rates) - 1) / 2 for x in range(len(places))])
+    ax.set_xticklabels([f"2 ranks on {p}" for p in places])
+    ax.set_ylabel("Spark-MPI Allreduce, ms (median)")
+    ax.set_title(
+        "Between nodes: TCP through the shaped link; within one: shared memory", fontsize=10
+    )
+    ax.legend(fontsize=8)
+
+
 def run_on_nodes(
     args: argparse.Namespace,
     ranks: list[int],
