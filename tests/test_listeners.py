@@ -146,43 +146,31 @@ def test_wrong_secret_unknown_job_and_garbage_are_refused(hub, port):
     hub.close_job(job)
 
 
+def answer(job, rank: int, nonce: str, purpose: str, client_nonce: str) -> bytes:
+    """A correct answer to the challenge ``nonce`` for ``purpose``, as a real task sends it."""
+    claims = Claims(job.job_id, rank, "h", nonce, client_nonce)
+    digest = client_digest(job.secret, purpose, claims)
+    line = format_command("auth", job=job.job_id, rank=rank, host="h", cnonce=client_nonce)
+    return line.rstrip("\n").encode() + f" digest={digest}\n".encode()
+
+
 @pytest.mark.parametrize("port", ["pmi", "control"])
 def test_a_replayed_response_is_refused(hub, port):
     _, address, purpose, _ = next(x for x in listeners(hub) if x[0] == port)
     job = hub.create_job(2, output=None)
     with socket.create_connection(address, timeout=30) as first:
-        nonce = challenge(first)
-        claims = Claims(job.job_id, 0, "h", nonce, "ab" * 16)
-        answer = format_command(
-            "auth",
-            job=job.job_id,
-            rank=0,
-            host="h",
-            cnonce=claims.client_nonce,
-            digest=client_digest(job.secret, purpose, claims),
-        ).encode()
+        recorded = answer(job, 0, challenge(first), purpose, "ab" * 16)
         # what an eavesdropper saw on the first connection, sent again on a second one
         with socket.create_connection(address, timeout=30) as second:
             challenge(second)
-            second.sendall(answer)
+            second.sendall(recorded)
             assert b"rc=-1" in second.makefile("rb").readline()
-        first.sendall(answer)
+        first.sendall(recorded)
         reply = first.makefile("rb").readline()
         assert b"rc=0" in reply and b"proof=" in reply
     other = "control" if purpose == "pmi" else "pmi"
     with socket.create_connection(address, timeout=30) as crossed:
-        nonce = challenge(crossed)
-        claims = Claims(job.job_id, 1, "h", nonce, "cd" * 16)
-        crossed.sendall(
-            format_command(
-                "auth",
-                job=job.job_id,
-                rank=1,
-                host="h",
-                cnonce=claims.client_nonce,
-                digest=client_digest(job.secret, other, claims),
-            ).encode()
-        )
+        crossed.sendall(answer(job, 1, challenge(crossed), other, "cd" * 16))
         assert b"rc=-1" in crossed.makefile("rb").readline()
     hub.close_job(job)
 

@@ -208,13 +208,10 @@ class RankSupervisor:
         with self.control_lock, contextlib.suppress(OSError):
             send_parts(self.control, kind, parts if parts is not None else encode(obj))
 
-    def kill_tree(self) -> None:
+    def kill(self) -> None:
         """Kills the rank with everything it started, whatever session it is in; reaps them."""
         with spares_paused() as spares:
             kill_tree(self.proc.pid, self.existed_before, spares)
-
-    def kill(self) -> None:
-        self.kill_tree()
         self.proc.wait()
 
     # -- input ------------------------------------------------------------------------------
@@ -263,8 +260,9 @@ class RankSupervisor:
                         self._from_driver()
                     else:
                         self._output(key.data, sel)
-            self.proc.wait()
-            self.kill_tree()  # whatever the rank left running, in any session
+            # whatever the rank left running, in any session; its PID stays reserved until the
+            # wait, so no other process can be mistaken for it
+            self.kill()
             self._drain(sel)
             return self._finish()
         except BaseException:
