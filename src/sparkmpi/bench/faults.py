@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -309,13 +310,20 @@ def plot(path: str | None, results: list[dict], floods: dict) -> None:
     axes = [axes] if len(panels) == 1 else list(axes)
     if results:
         ax = axes[panels.index("faults")]
-        labels = [r["fault"] for r in results]
-        seconds = [row[1] for row in _table_rows(results)]
-        ax.barh(labels, seconds, color="#4c72b0")
+        by_fault: dict[str, list[list]] = {}
+        for row in _table_rows(results):
+            by_fault.setdefault(row[0], []).append(row)
+        labels = [f"{name}\n({rows[0][2]})" for name, rows in by_fault.items()]
+        spans = [[r[1] for r in rows] for rows in by_fault.values()]
+        medians = [statistics.median(span) for span in spans]
+        low = [m - min(span) for m, span in zip(medians, spans, strict=True)]
+        high = [max(span) - m for m, span in zip(medians, spans, strict=True)]
+        ax.barh(labels, medians, xerr=[low, high], color="#4c72b0", capsize=3)
         ax.axvline(10, color="gray", linestyle=":", label="10 s")
-        for y, value in enumerate(seconds):
-            ax.annotate(f" {value:.1f} s", (value, y), va="center", fontsize=8)
-        ax.set_xlabel("seconds to MPIJobError on the driver")
+        for y, value in enumerate(medians):
+            ax.annotate(f"  {value:.1f} s", (value, y), va="bottom", fontsize=8)
+        runs = max(len(rows) for rows in by_fault.values())
+        ax.set_xlabel(f"seconds to MPIJobError on the driver (median, range of {runs} runs)")
         ax.invert_yaxis()
         ax.tick_params(axis="y", labelsize=7)
         ax.legend(fontsize=7)

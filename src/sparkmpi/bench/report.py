@@ -50,10 +50,11 @@ def provenance() -> dict:
     """Which code made a figure, when, and on what machine."""
     import psutil
 
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    package = str(Path(__file__).resolve().parents[1])  # the code that made the figure
+    status = _git("status", "--porcelain", "--", package)
     return {
         "commit": _git("rev-parse", "HEAD") or "unknown (not a git checkout)",
-        "uncommitted_changes": bool(status) if status is not None else None,
+        "uncommitted_source_changes": bool(status) if status is not None else None,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpus": os.cpu_count(),
