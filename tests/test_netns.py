@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
+import psutil
 import pytest
 
-from sparkmpi.deploy.links import NetnsError
+from sparkmpi.deploy.links import NetnsError, netem_available
 from sparkmpi.deploy.netns import NetnsCluster, netns_unavailable
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
+@pytest.fixture(scope="module", autouse=True)
 def needs_netns():
     why = netns_unavailable()
     if why:
@@ -21,6 +24,9 @@ def needs_netns():
 
 
 ROOT_EXTRA = "10.79.0.1"
+RUN = os.getpid() % 10000
+FAIL_PREFIX, CLI_PREFIX = f"tf{RUN}", f"tc{RUN}"
+FAIL_SUBNET = "10.76.0.0/24"
 
 CONNECT = """
 import socket, sys
@@ -37,6 +43,10 @@ def on_node(cluster: NetnsCluster, node, code: str, *args: str) -> str:
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
+
+
+def tc(*command: str) -> str:
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, check=True).stdout
 
 
 def connect_from(cluster, node, address: str, port: int, timeout: float = 3) -> str:
@@ -106,14 +116,22 @@ def test_a_second_root_address_is_unreachable_from_the_nodes(netns_cluster):
 def test_shaping_blocking_and_link_state(netns_cluster, listener):
     cluster, node = netns_cluster, netns_cluster.nodes[1]
     before = cluster.link_bytes(node)
-    cluster.shape("500mbit")
+    cluster.shape("500mbit", nodes=[node])
     try:
-        classes = subprocess.run(
-            ["tc", "class", "show", "dev", node.veth], capture_output=True, text=True, timeout=30
-        ).stdout
-        assert "rate 500Mbit" in classes
+        for end in (["tc"], ["ip", "netns", "exec", node.name, "tc"]):
+            dev = node.veth if end == ["tc"] else "eth0"
+            assert "htb 1:" in tc(*end, "qdisc", "show", "dev", dev)
+            assert "rate 500Mbit" in tc(*end, "class", "show", "dev", dev)
+        assert "rate 500Mbit" not in tc("tc", "class", "show", "dev", cluster.nodes[0].veth)
+        if netem_available():
+            cluster.shape("500mbit", "1ms", nodes=[node])
+            assert "netem" in tc("tc", "qdisc", "show", "dev", node.veth)
+        else:
+            with pytest.raises(NetnsError, match="no netem qdisc"):
+                cluster.shape("500mbit", "1ms", nodes=[node])
     finally:
         cluster.shape(None)
+    assert "rate 500Mbit" not in tc("tc", "class", "show", "dev", node.veth)
     cluster.block(node, cluster.bridge_address, listener)
     try:
         blocked = connect_from(cluster, node, cluster.bridge_address, listener, 2)
@@ -140,27 +158,46 @@ def test_a_killed_worker_leaves_and_a_restarted_one_registers(netns_cluster):
     assert cluster.alive_hosts() == {n.address for n in cluster.nodes}
 
 
+def namespace_pids(namespace: str) -> list[str]:
+    command = ["ip", "netns", "pids", namespace]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30).stdout.split()
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: it waits for init, which the stopper is not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def naming(address: str) -> list[int]:
+    """Running processes whose command line names ``address`` (the master, the workers)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(address in arg for arg in proc.info["cmdline"] or []) and running(proc.pid):
+            found.append(proc.pid)
+    return found
+
+
 def leftovers(prefix: str) -> list[str]:
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     return [line for line in (namespaces + links).splitlines() if f"{prefix}-" in line]
 
 
-def test_a_failed_start_leaves_nothing(needs_netns, tmp_path):
-    cluster = NetnsCluster(tmp_path, nodes=1, memory="lots", prefix="tfail", subnet="10.76.0.0/24")
-    with pytest.raises(NetnsError, match="worker-tfail-node1 exited"):
+def test_a_failed_start_leaves_nothing(tmp_path):
+    cluster = NetnsCluster(tmp_path, nodes=1, memory="lots", prefix=FAIL_PREFIX, subnet=FAIL_SUBNET)
+    with pytest.raises(NetnsError, match=f"worker-{FAIL_PREFIX}-node1 exited"):
         cluster.start(timeout=120)
-    assert leftovers("tfail") == []
-    assert not cluster.master.pids or not any(
-        subprocess.run(["kill", "-0", str(p)], capture_output=True).returncode == 0
-        for p in cluster.master.pids.values()
-    )
+    assert leftovers(FAIL_PREFIX) == []
+    assert naming(cluster.bridge_address) == []
 
 
-def test_the_script_starts_reports_and_removes_a_cluster(needs_netns, tmp_path):
+def test_the_script_starts_reports_and_removes_a_cluster(tmp_path):
     state = str(tmp_path / "state")
     script = ["bash", "scripts/netns-cluster.sh"]
-    options = ["--prefix", "tcli", "--state-dir", state]
+    options = ["--prefix", CLI_PREFIX, "--state-dir", state]
     up = subprocess.run(
         [*script, "up", "2", "--subnet", "10.75.0.0/24", *options],
         capture_output=True,
@@ -169,19 +206,22 @@ def test_the_script_starts_reports_and_removes_a_cluster(needs_netns, tmp_path):
     )
     try:
         assert up.returncode == 0, up.stderr[-2000:]
-        assert "tcli-node2" in up.stdout and "spark://10.75.0.1:" in up.stdout
+        assert f"{CLI_PREFIX}-node2" in up.stdout and "spark://10.75.0.1:" in up.stdout
         status = subprocess.run(
             [*script, "status", *options], capture_output=True, text=True, timeout=60
         )
         assert status.stdout.count("worker alive") == 2
+        pids = json.loads((tmp_path / "state" / "state.json").read_text())["pids"].values()
+        pids = [*pids, *(int(p) for n in (1, 2) for p in namespace_pids(f"{CLI_PREFIX}-node{n}"))]
     finally:
         down = subprocess.run(
             [*script, "down", *options], capture_output=True, text=True, timeout=120
         )
     assert down.returncode == 0, down.stderr
-    assert leftovers("tcli") == []
+    assert leftovers(CLI_PREFIX) == []
+    assert pids and not any(running(pid) for pid in pids)
     again = subprocess.run(
-        [*script, "down", "--prefix", "tcli", "--state-dir", str(tmp_path / "none")],
+        [*script, "down", "--prefix", CLI_PREFIX, "--state-dir", str(tmp_path / "none")],
         capture_output=True,
         text=True,
         timeout=60,

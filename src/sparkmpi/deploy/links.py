@@ -1,4 +1,6 @@
-"""Traffic control on one end of a node's link: rate, delay, and silently dropped ports.
+"""The tools under a namespace cluster: whether they work here, ``ip`` and ``tc`` on one end
+of a node's link (rate, delay, silently dropped ports), link states, and what a cluster left
+behind by name.
 
 Only the htb and pfifo qdiscs and the u32 classifier are used for rate limits and drops: they
 need no tc action modules, which some kernels (this project's CI machine among them) lack. The
@@ -7,9 +9,13 @@ netem qdisc, for delays, is used only when asked for, and its absence is one cle
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
+import signal
 import subprocess
+import time
 from dataclasses import dataclass
 
 UNSHAPED_RATE = "100gbit"
@@ -30,6 +36,26 @@ def run_tool(command: list[str], check: bool = True) -> subprocess.CompletedProc
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return run_tool(["ip", *args], check)
+
+
+def netns_unavailable() -> str | None:
+    """None if this process can build namespace clusters; else one line saying why."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    for tool in ("ip", "tc", "unshare"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found (scripts/setup.sh installs iproute2 and util-linux)"
+    probe = f"sparkmpi-probe-{os.getpid()}"
+    made = ip("netns", "add", probe, check=False)
+    if made.returncode != 0:
+        return f"cannot create a network namespace: {made.stderr.strip()}"
+    try:
+        uts = run_tool(["ip", "netns", "exec", probe, "unshare", "--uts", "true"], check=False)
+    finally:
+        ip("netns", "del", probe, check=False)
+    if uts.returncode != 0:
+        return f"cannot give a namespace its own host name: {uts.stderr.strip()}"
+    return None
 
 
 def netem_available() -> bool:
@@ -98,3 +124,35 @@ def block(end: LinkEnd, address: str, port: int) -> None:
 def unblock(end: LinkEnd) -> None:
     """Lifts every :func:`block` on ``end``."""
     run_tool([*end.tc, "filter", "del", "dev", end.dev, "parent", "1:", "prio", "1"], check=False)
+
+
+def link_state(dev: str, namespace: str | None = None) -> str:
+    """The operational state of ``dev`` (UP, DOWN, LOWERLAYERDOWN, ...)."""
+    where = ["-n", namespace] if namespace else []
+    words = ip(*where, "-br", "link", "show", "dev", dev).stdout.split()
+    return words[1] if len(words) > 1 else "UNKNOWN"
+
+
+def links_named(prefix: str) -> list[str]:
+    """The links of the root namespace whose names start with ``prefix-``."""
+    names = []
+    for line in ip("-o", "link", "show").stdout.splitlines():
+        name = line.split(":", 2)[1].strip().split("@")[0]
+        if name.startswith(f"{prefix}-"):
+            names.append(name)
+    return names
+
+
+def kill_inside(namespace: str) -> None:
+    """SIGKILLs every process in ``namespace`` (all of them ours: we made it) until none is left."""
+    for _ in range(50):
+        pids = [int(p) for p in ip("netns", "pids", namespace, check=False).stdout.split()]
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.1)

@@ -20,7 +20,6 @@ import ipaddress
 import json
 import os
 import re
-import shutil
 import signal
 import time
 import urllib.request
@@ -36,11 +35,17 @@ from sparkmpi.deploy.links import (
     block,
     burst_bytes,
     ip,
+    kill_inside,
+    link_state,
+    links_named,
     netem_available,
+    netns_unavailable,
     shape_end,
     unblock,
 )
 from sparkmpi.deploy.standalone import StandaloneCluster, _alive, worker_command
+
+__all__ = ["DEFAULT_STATE", "NODE_ENV", "NetnsCluster", "NetnsError", "Node", "netns_unavailable"]
 
 DEFAULT_STATE = Path.home() / ".sparkmpi" / "netns"
 REGISTRY = Path("/run/sparkmpi-netns")
@@ -55,21 +60,6 @@ serves them, chosen from ``PMI_process_mapping``."""
 
 def _node_env() -> list[str]:
     return [f"{key}={value}" for key, value in NODE_ENV.items()]
-
-
-def netns_unavailable() -> str | None:
-    """None if this process can build namespace clusters; else one line saying why."""
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    for tool in ("ip", "tc", "unshare"):
-        if shutil.which(tool) is None:
-            return f"{tool} not found (scripts/setup.sh installs iproute2 and util-linux)"
-    probe = f"sparkmpi-probe-{os.getpid()}"
-    made = ip("netns", "add", probe, check=False)
-    if made.returncode != 0:
-        return f"cannot create a network namespace: {made.stderr.strip()}"
-    ip("netns", "del", probe, check=False)
-    return None
 
 
 @dataclass(frozen=True)
@@ -197,10 +187,12 @@ class NetnsCluster:
     def start(self, timeout: float = 180) -> NetnsCluster:
         """Builds the network, starts the master and one worker per node; returns once every
         worker has registered. On any failure, removes what it made and re-raises."""
-        if ip("netns", "list").stdout.count(f"{self.prefix}-node"):
+        namespaces = ip("netns", "list").stdout.split()
+        if links_named(self.prefix) or any(n.startswith(f"{self.prefix}-node") for n in namespaces):
             raise NetnsError(
                 f"a namespace cluster with prefix {self.prefix!r} exists; remove it with "
-                f"'spark-mpi cluster stop --netns --prefix {self.prefix}'"
+                f"'spark-mpi cluster stop --netns --prefix {self.prefix}' or "
+                f"'scripts/netns-cluster.sh down --prefix {self.prefix}'"
             )
         self._save()
         try:
@@ -324,22 +316,39 @@ exec ip netns exec "$ns" unshare --uts -- env {" ".join(_node_env())} \\
         """The root-side and the node-side end of ``node``'s link."""
         return LinkEnd(node.veth), LinkEnd("eth0", node.name)
 
-    def shape(self, rate: str | None, delay: str | None = None, nodes=None) -> None:
-        """Limits both ends of each node's link to ``rate`` (htb) with netem ``delay``;
-        ``rate=None`` lifts the limit. Blocks set with :meth:`block` are lifted too."""
+    def shape(
+        self, rate: str | None, delay: str | None = None, nodes: Sequence[Node] | None = None
+    ) -> None:
+        """Limits both ends of the links of ``nodes`` (all: None) to ``rate`` (htb) with netem
+        ``delay``, replacing what was set; None lifts either. Blocks set with :meth:`block` on
+        those nodes are lifted too."""
         if delay and not netem_available():
             raise NetnsError(
                 "this kernel has no netem qdisc (sch_netem), so --delay cannot be emulated; "
                 "--rate works without it"
             )
-        self.rate, self.delay = rate, delay
-        self._save()
+        if rate:
+            burst_bytes(rate)
+        if nodes is None:
+            self.rate, self.delay = rate, delay
+            self._save()
         for node in nodes or self.nodes:
             for end in self._ends(node):
                 shape_end(end, rate, delay)
 
     def set_link(self, node: Node, up: bool) -> None:
+        """Takes ``node``'s link down or up; returns once both ends show it. After "up" the
+        addresses either end failed to resolve meanwhile are forgotten: a resolution begun
+        while the link was down would otherwise fail a new connection with "no route to host"."""
         ip("link", "set", node.veth, "up" if up else "down")
+        deadline = time.monotonic() + 30
+        while (link_state(node.veth) == "UP", link_state("eth0", node.name) == "UP") != (up, up):
+            if time.monotonic() > deadline:
+                raise NetnsError(f"the link of {node.name} did not go {'up' if up else 'down'}")
+            time.sleep(0.05)
+        if up:
+            ip("-n", node.name, "neigh", "flush", "dev", "eth0")
+            ip("neigh", "flush", "dev", self.bridge, "to", node.address)
 
     def link_bytes(self, node: Node) -> int:
         """Bytes received plus sent on the node's root-side veth so far."""
@@ -386,14 +395,14 @@ exec ip netns exec "$ns" unshare --uts -- env {" ".join(_node_env())} \\
         namespaces = [line.split()[0] for line in ip("netns", "list").stdout.splitlines() if line]
         ours = [ns for ns in namespaces if ns.startswith(f"{prefix}-node")]
         for ns in ours:
-            _kill_inside(ns)
+            kill_inside(ns)
             ip("netns", "del", ns, check=False)
             removed.append(f"namespace {ns}")
-        for link in _links(prefix):
+        for link in links_named(prefix):
             ip("link", "del", link, check=False)
             removed.append(f"link {link}")
         deadline = time.monotonic() + 30
-        while _links(prefix) and time.monotonic() < deadline:
+        while links_named(prefix) and time.monotonic() < deadline:
             time.sleep(0.1)  # namespaces go away asynchronously, their veths with them
         return removed
 
@@ -410,27 +419,3 @@ def _exited(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
-
-
-def _links(prefix: str) -> list[str]:
-    names = []
-    for line in ip("-o", "link", "show").stdout.splitlines():
-        name = line.split(":", 2)[1].strip().split("@")[0]
-        if name.startswith(f"{prefix}-"):
-            names.append(name)
-    return names
-
-
-def _kill_inside(namespace: str) -> None:
-    """SIGKILLs every process in ``namespace`` (all of them ours: we made it) until none is left."""
-    for _ in range(50):
-        pids = [int(p) for p in ip("netns", "pids", namespace, check=False).stdout.split()]
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for pid in pids:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-        time.sleep(0.1)
