@@ -20,8 +20,9 @@ import hashlib
 import hmac
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from sparkmpi.pmi.listener import GuardedListener, read_first_line
 from sparkmpi.pmi.protocol import (
@@ -34,6 +35,15 @@ from sparkmpi.pmi.protocol import (
 
 SCHEME = "hmac-sha256"
 NONCE_BYTES = 16
+PMI_PURPOSE = "pmi"
+CONTROL_PURPOSE = "control"
+
+
+class HasSecret(Protocol):
+    secret: str
+
+
+Job = TypeVar("Job", bound=HasSecret)
 
 
 class PMIAuthError(ConnectionError):
@@ -87,11 +97,12 @@ async def authenticate_peer(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     purpose: str,
-    secret_of: Callable[[str], str | None],
-) -> tuple[Claims, str] | None:
-    """Runs the challenge on a fresh connection: the verified claims and the job's secret, or
-    None after refusing the peer (a reply is sent where the peer may learn why: never which of
-    job and digest was wrong). Nothing the peer sends is trusted before the digest matched."""
+    jobs: Mapping[str, Job],
+) -> tuple[Claims, Job] | None:
+    """Runs the challenge on a fresh connection: the verified claims and their job (from
+    ``jobs``, by id), or None after refusing the peer (a reply is sent where the peer may learn
+    why: never which of job and digest was wrong). Nothing the peer sends is trusted before the
+    digest matched."""
     server_nonce = secrets.token_hex(NONCE_BYTES)
     writer.write(challenge_line(server_nonce))
     await writer.drain()
@@ -119,12 +130,13 @@ async def authenticate_peer(
     except PMIProtocolError as exc:
         refuse(f"malformed: {exc}", "malformed")
         return None
-    secret = secret_of(claims.job)
-    expected = client_digest(secret or secrets.token_hex(16), purpose, claims)
-    if secret is None or not hmac.compare_digest(digest.encode(), expected.encode()):
+    job = jobs.get(claims.job)
+    secret = job.secret if job is not None else secrets.token_hex(16)
+    expected = client_digest(secret, purpose, claims)
+    if job is None or not hmac.compare_digest(digest.encode(), expected.encode()):
         refuse("unknown job or wrong response", "wrong response")
         return None
-    return claims, secret
+    return claims, job
 
 
 # -- the client's side ----------------------------------------------------------------------

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import socket
 
-from sparkmpi.pmi.auth import PMIAuthError, client_handshake
+from sparkmpi.pmi.auth import PMI_PURPOSE, PMIAuthError, client_handshake
 from sparkmpi.pmi.listener import DEFAULT_LINK_TIMEOUT_S, set_link_timeout
-
-PURPOSE = "pmi"
 
 
 class ServerUnreachable(ConnectionError):
@@ -54,7 +52,7 @@ def connect_rank(
     sock = open_link(address, "PMI server", connect_timeout, link_timeout)
     try:
         sock.settimeout(timeout)
-        client_handshake(sock, PURPOSE, secret, job_id, rank, host, "PMI server")
+        client_handshake(sock, PMI_PURPOSE, secret, job_id, rank, host, "PMI server")
         sock.settimeout(None)
         return sock
     except TimeoutError:

@@ -120,7 +120,7 @@ class GuardedListener:
         self.limits = limits or ListenerLimits()
         self.refusals = RefusalLog(name)
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._pending: dict[asyncio.StreamWriter, float] = {}
+        self._pending: dict[asyncio.StreamWriter, None] = {}  # oldest first
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -203,7 +203,7 @@ class GuardedListener:
             del self._pending[oldest]
             self.refuse(oldest, "evicted: too many unauthenticated connections", "evicted")
             oldest.transport.abort()
-        self._pending[writer] = time.monotonic()
+        self._pending[writer] = None
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         sock = writer.get_extra_info("socket")

@@ -17,7 +17,7 @@ import secrets
 import threading
 from collections.abc import Callable
 
-from sparkmpi.pmi.auth import acceptance_line, authenticate_peer, refusal_line
+from sparkmpi.pmi.auth import PMI_PURPOSE, acceptance_line, authenticate_peer, refusal_line
 from sparkmpi.pmi.job import AbortRequest, JobRefused, PMIJob, Reply
 from sparkmpi.pmi.listener import GuardedListener, ListenerLimits
 from sparkmpi.pmi.protocol import (
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 AbortCallback = Callable[[str, AbortRequest], None]
 LostCallback = Callable[[str, int], None]
-PURPOSE = "pmi"
 
 
 class PMIServer:
@@ -138,20 +137,13 @@ class PMIServer:
             writer.close()
 
     # -- transport --------------------------------------------------------------------------
-    def _secret_of(self, job_id: str) -> str | None:
-        job = self._jobs.get(job_id)
-        return None if job is None else job.secret
-
     async def _authenticate(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> tuple[PMIJob, int] | None:
-        verified = await authenticate_peer(self._thread, reader, writer, PURPOSE, self._secret_of)
+        verified = await authenticate_peer(self._thread, reader, writer, PMI_PURPOSE, self._jobs)
         if verified is None:
             return None
-        claims, secret = verified
-        job = self._jobs.get(claims.job)
-        if job is None:
-            return None
+        claims, job = verified
         try:
             released = job.admit(claims.rank, claims.host)
         except JobRefused as exc:
@@ -159,7 +151,7 @@ class PMIServer:
             writer.write(refusal_line(str(exc)))
             return None
         self._writers[job.job_id][claims.rank] = writer
-        writer.write(acceptance_line(secret, PURPOSE, claims, kvsname=job.kvsname))
+        writer.write(acceptance_line(job.secret, PMI_PURPOSE, claims, kvsname=job.kvsname))
         await self._deliver(job, released)
         return job, claims.rank
 

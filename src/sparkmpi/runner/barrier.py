@@ -165,7 +165,6 @@ class BarrierJob:
         ensure_slots(self.sc, self.size, slot_wait)
         self.hub = hub_for(self.sc, pmi_host)
         self.state: JobState = self.hub.create_job(self.size, output)
-        limits = self.hub.limits
         spec = TaskSpec(
             job_id=self.state.job_id,
             secret=self.state.secret,
@@ -177,8 +176,7 @@ class BarrierJob:
             runtime=runtime,
             env=dict(env or {}),
             prestart=os.environ.get("SPARKMPI_PRESTART", "1") != "0",
-            connect_timeout=limits.link_timeout,
-            link_timeout=limits.link_timeout,
+            link_timeout=self.hub.limits.link_timeout,
         )
         self.rdd = rdd.barrier().mapPartitions(partial(barrier_task, spec))
         self.group = f"sparkmpi-{self.state.job_id}"

@@ -8,7 +8,6 @@ sessions, its results; and it tells the task to kill its rank when another rank 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import sys
 import threading
@@ -16,14 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sparkmpi.pmi import AbortRequest, ListenerLimits, PMIJob, PMIServer
-from sparkmpi.pmi.auth import acceptance_line, authenticate_peer, refusal_line
+from sparkmpi.pmi.auth import CONTROL_PURPOSE, acceptance_line, authenticate_peer, refusal_line
 from sparkmpi.pmi.listener import GuardedListener
 from sparkmpi.runner.frames import Kind, Parts, decode, encode, read_parts, write_parts
 
 log = logging.getLogger(__name__)
 
 OutputSink = Callable[[int, str, str], None]
-PURPOSE = "control"
 TASK_LOST = "its Spark task was lost (the task, its Python worker or its executor ended)"
 
 
@@ -180,30 +178,20 @@ class DriverHub:
         self._call(send)
 
     # -- control connections ----------------------------------------------------------------
-    def _secret_of(self, job_id: str) -> str | None:
-        job = self.jobs.get(job_id)
-        return None if job is None else job.secret
-
     async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        verified = await authenticate_peer(self._thread, reader, writer, PURPOSE, self._secret_of)
+        verified = await authenticate_peer(self._thread, reader, writer, CONTROL_PURPOSE, self.jobs)
         if verified is None:
             return None
-        claims, secret = verified
-        job, rank = self.jobs.get(claims.job), claims.rank
-        if (
-            job is None
-            or job.failed.is_set()
-            or job.closed
-            or rank in job.links
-            or not 0 <= rank < job.size
-        ):
+        claims, job = verified
+        rank = claims.rank
+        if job.failed.is_set() or job.closed or rank in job.links or not 0 <= rank < job.size:
             why = f"rank {rank} may not join job {claims.job} now"
             self._thread.refuse(writer, why, "refused by job")
             writer.write(refusal_line(why))
             return None
         job.links[rank] = writer
         job.hosts[rank] = claims.host
-        writer.write(acceptance_line(secret, PURPOSE, claims))
+        writer.write(acceptance_line(job.secret, CONTROL_PURPOSE, claims))
         await writer.drain()
         return job, rank
 
@@ -223,12 +211,13 @@ class DriverHub:
                     job.finished.add(rank)
         except asyncio.IncompleteReadError:
             pass
-        except OSError as exc:
-            if exc.errno == errno.ETIMEDOUT or isinstance(exc, TimeoutError):
-                reason = (
-                    f"its node stopped answering: no reply from {job.hosts.get(rank)} for "
-                    f"{self.limits.link_timeout:g} s (network down or host frozen)"
-                )
+        except TimeoutError:  # ETIMEDOUT: keepalive or TCP_USER_TIMEOUT gave up on the peer
+            reason = (
+                f"its node stopped answering: no reply from {job.hosts.get(rank)} for "
+                f"{self.limits.link_timeout:g} s (network down or host frozen)"
+            )
+        except OSError:
+            pass
         except ValueError:
             reason = "its Spark task sent a corrupt frame"
         finally:

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from sparkmpi.pmi import PMIAuthError, ServerUnreachable, connect_rank, open_link
-from sparkmpi.pmi.auth import client_handshake
+from sparkmpi.pmi.auth import CONTROL_PURPOSE, client_handshake
 from sparkmpi.runner.frames import Kind, Parts, decode, encode, recv_parts, send, send_parts
 from sparkmpi.runner.proctree import become_subreaper, children_now, kill_tree
 from sparkmpi.runner.runtime import get_runtime
@@ -64,8 +64,7 @@ class TaskSpec:
     runtime: str = "mpich"
     env: dict[str, str] = field(default_factory=dict)
     prestart: bool = True  # keep a pre-started rank interpreter in each worker (spare.py)
-    connect_timeout: float = 10.0  # seconds to open a connection to the driver
-    link_timeout: float = 5.0  # seconds a silent driver keeps the task's connections
+    link_timeout: float = 5.0  # seconds to connect to the driver, and a silent driver keeps a link
 
 
 def barrier_task(spec: TaskSpec, rows: Iterable) -> Iterator:
@@ -90,12 +89,12 @@ def barrier_task(spec: TaskSpec, rows: Iterable) -> Iterator:
 
 def _hub_connect(spec: TaskSpec, rank: int, host: str) -> socket.socket:
     try:
-        sock = open_link(spec.hub, "driver's control port", spec.connect_timeout, spec.link_timeout)
+        sock = open_link(spec.hub, "driver's control port", spec.link_timeout, spec.link_timeout)
     except ServerUnreachable as exc:
         raise RankFailed(f"MPI rank {rank} on {host} failed: {exc} ({ADDRESS_HINT})") from None
     try:
         sock.settimeout(HANDSHAKE_TIMEOUT_S)
-        client_handshake(sock, "control", spec.secret, spec.job_id, rank, host, "driver")
+        client_handshake(sock, CONTROL_PURPOSE, spec.secret, spec.job_id, rank, host, "driver")
         sock.settimeout(None)
         return sock
     except (PMIAuthError, TimeoutError) as exc:
@@ -117,7 +116,7 @@ def _pmi_connect(spec: TaskSpec, rank: int, host: str, control: socket.socket) -
             rank,
             host,
             HANDSHAKE_TIMEOUT_S,
-            connect_timeout=spec.connect_timeout,
+            connect_timeout=spec.link_timeout,
             link_timeout=spec.link_timeout,
         )
     except ServerUnreachable as exc:

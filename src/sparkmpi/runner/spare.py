@@ -122,8 +122,8 @@ def _needs_fresh_interpreter(started_with: dict[str, str], env: dict[str, str]) 
 def spares_paused() -> Iterator[set[int]]:
     """While the block runs no spare is started in this worker; yields the PIDs of its spares."""
     with _lock:
-        alive = _spare is not None and _spare.proc.poll() is None
-        yield {_spare.proc.pid} if alive and _spare is not None else set()
+        spare = _spare
+        yield {spare.proc.pid} if spare is not None and spare.proc.poll() is None else set()
 
 
 def take_spare(env: dict[str, str], fds: tuple[int, int]) -> subprocess.Popen | None:
