@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     allreduce = bench_sub.add_parser(
         "allreduce", help="sum of arrays: Spark collect/treeReduce vs MPI Allreduce (Table I)"
     )
-    allreduce.add_argument("--ranks", default="1,2,4,8", help="comma-separated rank counts")
+    allreduce.add_argument(
+        "--ranks", help="comma-separated rank counts (1,2,4,8; with --netns/--cluster 1,2,3)"
+    )
     allreduce.add_argument("--size", type=int, default=2_000_000, help="float32 per rank")
     allreduce.add_argument("--repeat", type=int, default=10)
     allreduce.add_argument("--master", help="Spark master URL (default local[max ranks])")

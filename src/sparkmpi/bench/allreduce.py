@@ -275,9 +275,9 @@ def main(args: argparse.Namespace) -> int:
     from sparkmpi.runner.context import spark_session
     from sparkmpi.runner.runtime import get_runtime
 
-    on_nodes = bool(getattr(args, "netns", None) or getattr(args, "cluster", None))
-    default_ranks = "1,2,3" if on_nodes and args.ranks == "1,2,4,8" else args.ranks
-    ranks = [1, 2] if args.quick else [int(n) for n in default_ranks.split(",")]
+    on_nodes = bool(args.netns or args.cluster)
+    listed = args.ranks or ("1,2,3" if on_nodes else "1,2,4,8")
+    ranks = [1, 2] if args.quick else [int(n) for n in listed.split(",")]
     size = 20_000 if args.quick else args.size
     repeat = 3 if args.quick else args.repeat
     rounds = 1 if args.quick else ROUNDS

@@ -15,25 +15,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 
 from sparkmpi.bench.allreduce import cached_arrays, run_table, spark_mpi_allreduce
+from sparkmpi.deploy.links import rate_bits
 from sparkmpi.deploy.netns import NetnsCluster
-
-_RATE = re.compile(r"^(\d+(?:\.\d+)?)([kmg]?)bit$", re.IGNORECASE)
 
 
 def slower_rate(rate: str, factor: int = 10) -> str:
     """``rate`` (tc syntax, e.g. ``10gbit``) divided by ``factor``, in tc syntax."""
-    match = _RATE.match(rate)
-    if not match:
-        raise ValueError(f"--rate {rate!r}: expected e.g. 10gbit, 500mbit")
-    units = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
-    bits = float(match.group(1)) * units[match.group(2).lower()] / factor
-    return f"{max(1, round(bits / 1e6))}mbit"
+    return f"{max(1, round(rate_bits(rate) / factor / 1e6))}mbit"
 
 
 @contextlib.contextmanager
@@ -65,8 +58,7 @@ def mpiexec_on(cluster: NetnsCluster, mpiexec: str) -> Callable[[list[str]], lis
     """``mpiexec`` placing as many ranks on each node as the Spark ranks had there."""
 
     def command(hosts: list[str]) -> list[str]:
-        slots = Counter(hosts)
-        placed = [f"{cluster.node_of(host).name}:{count}" for host, count in slots.items()]
+        placed = [f"{host}:{count}" for host, count in Counter(hosts).items()]
         return [mpiexec, *cluster.mpiexec_args(placed)]
 
     return command

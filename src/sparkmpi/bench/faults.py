@@ -25,10 +25,12 @@ from pathlib import Path
 
 import psutil
 
+from sparkmpi.deploy.links import namespace_pids
 from sparkmpi.deploy.netns import NetnsCluster, Node
 from sparkmpi.deploy.ports import free_port
+from sparkmpi.runner.rank import PROCESS_NAME
 
-RANK_NAME = "sparkmpi-rank"
+RANK_NAME = PROCESS_NAME.decode()
 DRIVER_TIMEOUT_S = 240.0
 
 
@@ -126,10 +128,7 @@ def job_processes(cluster: NetnsCluster, helper_pid_dir: str | None = None) -> l
     """PIDs of rank processes in the cluster's namespaces and of helpers the ranks started."""
     found = []
     for node in cluster.nodes:
-        listed = subprocess.run(
-            ["ip", "netns", "pids", node.name], capture_output=True, text=True, timeout=30
-        )
-        for pid in map(int, listed.stdout.split()):
+        for pid in namespace_pids(node.name):
             with contextlib.suppress(psutil.Error):
                 proc = psutil.Process(pid)
                 if proc.name() == RANK_NAME and proc.status() != psutil.STATUS_ZOMBIE:

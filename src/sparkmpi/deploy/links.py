@@ -72,14 +72,18 @@ def netem_available() -> bool:
         ip("link", "del", probe, check=False)
 
 
-def burst_bytes(rate: str) -> str:
-    """One millisecond of ``rate`` (tc syntax) in bytes, at least 64 KiB (a GSO segment)."""
+def rate_bits(rate: str) -> float:
+    """Bits per second of a rate in tc syntax (``10gbit``, ``500mbit``); NetnsError if not one."""
     match = re.match(r"^(\d+(?:\.\d+)?)([kmg]?)bit$", rate, re.IGNORECASE)
     if not match:
         raise NetnsError(f"rate {rate!r}: expected e.g. 10gbit, 500mbit")
     units = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
-    bytes_per_ms = float(match.group(1)) * units[match.group(2).lower()] / 8 / 1000
-    return str(max(65536, int(bytes_per_ms)))
+    return float(match.group(1)) * units[match.group(2).lower()]
+
+
+def burst_bytes(rate: str) -> str:
+    """One millisecond of ``rate`` (tc syntax) in bytes, at least 64 KiB (a GSO segment)."""
+    return str(max(65536, int(rate_bits(rate) / 8 / 1000)))
 
 
 @dataclass(frozen=True)
@@ -143,10 +147,15 @@ def links_named(prefix: str) -> list[str]:
     return names
 
 
+def namespace_pids(namespace: str) -> list[int]:
+    """PIDs of the processes in network namespace ``namespace`` (none if it does not exist)."""
+    return [int(p) for p in ip("netns", "pids", namespace, check=False).stdout.split()]
+
+
 def kill_inside(namespace: str) -> None:
     """SIGKILLs every process in ``namespace`` (all of them ours: we made it) until none is left."""
     for _ in range(50):
-        pids = [int(p) for p in ip("netns", "pids", namespace, check=False).stdout.split()]
+        pids = namespace_pids(namespace)
         if not pids:
             return
         for pid in pids:
