@@ -96,3 +96,34 @@ def run_bench(tmp_path, name: str, *args: str, timeout: float = 300, env=None):
     assert done.returncode == 0, done.stderr[-3000:]
     assert out_png.stat().st_size > 1000
     return done, json.loads(out_json.read_text())
+
+
+def compile_cuda(source: str, tmp_path, arch: str = "compute_90") -> str:
+    """PTX of CUDA C ``source`` compiled by nvcc (no GPU needed); skips the test when nvcc is
+    missing, fails it with nvcc's message when the source does not compile."""
+    import shutil
+
+    import pytest
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed: CUDA kernels are only compiled where it is")
+    path, ptx = tmp_path / "kernels.cu", tmp_path / "kernels.ptx"
+    path.write_text(source)
+    done = subprocess.run(
+        [nvcc, "-ptx", f"-arch={arch}", "-o", str(ptx), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return ptx.read_text()
+
+
+def ptx_entries(ptx: str) -> set[str]:
+    """The kernel names a PTX file defines."""
+    return {
+        line.split()[2].split("(")[0]
+        for line in ptx.splitlines()
+        if line.startswith(".visible .entry")
+    }

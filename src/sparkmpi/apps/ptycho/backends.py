@@ -1,13 +1,17 @@
 """Array backends of the solver: where the exit waves live and how one pass over them runs.
 
 Every backend holds one rank's frames (measured amplitudes, window positions, exit waves) and
-offers the same four steps; object and probe go in and the partial sums come out as host
-numpy arrays (complex128/float64), ready for ``MPI_Allreduce``.
+offers the same four steps; object and probe go in and the partial sums (of the object and
+probe updates, and the squared misfit) come out in the backend's array module, ready for
+``MPI_Allreduce``.
 
 * ``cpu``: numba loops fused around scipy.fft's batched FFTs, a chunk of frames at a time so
   the chunk stays in cache; ``threads`` FFT worker threads.
-* ``numpy`` / ``cupy``: the same steps as whole-stack array expressions (gather/scatter through
-  index arrays), the reference implementation and the GPU path.
+* ``numpy`` / ``cupy``: :class:`StackBackend`, the whole stack at once through per-element
+  steps: numpy array expressions (the reference) or fused CUDA kernels (the GPU path), where
+  object, probe and update sums stay on the device.
+
+``xp`` of a backend is the array module its object, probe and sums live in.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ BACKENDS = ("cpu", "numpy", "cupy")
 
 class CPUBackend:
     """numba + scipy.fft on the host."""
+
+    xp = np
 
     def __init__(self, obj_shape, n: int, algorithm: str, threads: int = 1, chunk: int = 16):
         self.obj_shape = obj_shape
@@ -86,90 +92,77 @@ class CPUBackend:
         return num, den
 
 
-class ArrayBackend:
-    """The same steps as array expressions over the whole stack, in ``xp`` (numpy or cupy)."""
+class StackBackend:
+    """The whole stack of frames as arrays of ``ops.xp`` (numpy or cupy), advanced by the
+    per-element steps of ``ops`` (:class:`.array_ops.NumpyOps` or :class:`.gpu.CupyOps`).
 
-    def __init__(self, xp, obj_shape, n: int, algorithm: str):
-        self.xp = xp
+    The same formulation as :class:`CPUBackend` (ψ and w = 2φ - ψ), so all backends compute
+    the same iterates. Object, probe and the sums it returns stay in ``ops.xp``.
+    """
+
+    def __init__(self, ops, obj_shape, n: int, algorithm: str):
+        self.ops = ops
+        self.xp = ops.xp
+        self.obj_shape = obj_shape
         self.n = n
         self.algorithm = algorithm
-        self.obj_shape = obj_shape
-        self.amp = self.index = self.psi = self.phi = None
+        self.pos = np.zeros((0, 2), dtype=np.int64)
+        self.amp = self.psi = self.w = self.buf = self.geometry = None
 
     def add(self, amp, pos, probe, obj) -> None:
-        xp = self.xp
-        n = amp.shape[1]
-        rows = pos[:, 0, None, None] + np.arange(n)[None, :, None]
-        cols = pos[:, 1, None, None] + np.arange(n)[None, None, :]
-        index = xp.asarray((rows * self.obj_shape[1] + cols).astype(np.int64))
+        """Adds frames whose exit waves start as P·O_j (for RAAR also w_j = P·O_j)."""
+        xp, ops = self.xp, self.ops
+        self.pos = np.concatenate([self.pos, np.asarray(pos, dtype=np.int64).reshape(-1, 2)])
+        geometry = ops.geometry(np.asarray(pos, dtype=np.int64), self.n, self.obj_shape[1])
         amp = xp.asarray(np.ascontiguousarray(amp, dtype=np.float32))
-        waves = xp.asarray(_c64(probe))[None] * xp.asarray(_c64(obj)).ravel()[index]
+        waves = ops.exit_waves(self.asarray(probe), self.asarray(obj), geometry)
         if self.amp is not None:
             amp = xp.concatenate([self.amp, amp])
-            index = xp.concatenate([self.index, index])
             waves = xp.concatenate([self.psi, waves])
-        self.amp, self.index, self.psi = amp, index, waves
-        self.phi = self.psi.copy() if self.algorithm == "raar" else self.psi
+        self.geometry = ops.geometry(self.pos, self.n, self.obj_shape[1])
+        self.amp, self.psi = amp, waves
+        self.w = self.psi.copy() if self.algorithm == "raar" else None
+        self.buf = xp.empty_like(self.psi)
 
-    def _scatter(self, values, shape, dtype):
-        xp = self.xp
-        out = xp.zeros(int(np.prod(shape)), dtype=dtype)
-        if xp is np:
-            np.add.at(out, self.index.ravel(), values.ravel())
-        else:
-            import cupyx
-
-            cupyx.scatter_add(out, self.index.ravel(), values.ravel())
-        return out.reshape(shape)
-
-    def _views(self, obj):
-        return self.xp.asarray(_c64(obj)).ravel()[self.index]
-
-    def _host(self, a):
-        return a if self.xp is np else self.xp.asnumpy(a)
+    def asarray(self, a):
+        """``a`` as a contiguous complex64 array of this backend."""
+        return self.xp.ascontiguousarray(self.xp.asarray(a, dtype=np.complex64))
 
     def fourier_pass(self, probe, obj, beta: float):
-        xp = self.xp
+        """As :meth:`CPUBackend.fourier_pass`, with the error left on the device."""
+        xp, ops = self.xp, self.ops
+        obj_num = xp.zeros(self.obj_shape, dtype=np.complex64)
         if self.amp is None:
-            return np.zeros(self.obj_shape, dtype=np.complex128), 0.0
-        P = xp.asarray(_c64(probe))
-        exit_wave = P[None] * self._views(obj)
+            return obj_num, 0.0
+        probe, obj = self.asarray(probe), self.asarray(obj)
         if self.algorithm == "dm":
-            wave = 2 * exit_wave - self.psi
+            ops.dm_prepare(self.psi, probe, obj, self.geometry, self.buf)
         else:
-            self.psi = beta * self.psi + beta * exit_wave + (1 - 2 * beta) * self.phi
-            wave = self.psi
-        ft = xp.fft.fft2(wave, norm="ortho")
-        a = xp.abs(ft)
-        err = float(xp.sum((a - self.amp) ** 2))
-        ft = xp.where(a > 1e-30, ft * (self.amp / xp.maximum(a, 1e-30)), self.amp)
-        back = xp.fft.ifft2(ft, norm="ortho").astype(xp.complex64)
+            ops.raar_prepare(self.psi, self.w, probe, obj, self.geometry, beta, self.buf)
+        ops.fft(self.buf, forward=True)
+        err = ops.modulus(self.buf, self.amp)
+        ops.fft(self.buf, forward=False)
         if self.algorithm == "dm":
-            self.psi = self.psi + back - exit_wave
-            target = self.psi
+            ops.dm_finish(self.psi, probe, obj, self.geometry, self.buf, obj_num)
         else:
-            self.phi = back
-            target = 2 * back - self.psi
-        obj_num = self._scatter(xp.conj(P)[None] * target, self.obj_shape, xp.complex128)
-        return self._host(obj_num), err
+            ops.raar_finish(self.psi, self.w, probe, self.geometry, self.buf, obj_num)
+        return obj_num, err
 
-    def illumination(self, probe) -> np.ndarray:
-        xp = self.xp
-        if self.index is None:
-            return np.zeros(self.obj_shape, dtype=np.float64)
-        weight = xp.abs(xp.asarray(_c64(probe))) ** 2
-        full = xp.broadcast_to(weight[None], self.index.shape)
-        return self._host(self._scatter(full, self.obj_shape, xp.float64))
+    def illumination(self, probe):
+        """Σ_j |P|² over each frame's window."""
+        obj_den = self.xp.zeros(self.obj_shape, dtype=np.float32)
+        if self.amp is not None:
+            self.ops.illumination(self.asarray(probe), self.geometry, obj_den)
+        return obj_den
 
     def probe_sums(self, obj):
+        """Σ_j conj(O_j) w_j and Σ_j |O_j|²."""
         xp = self.xp
         if self.amp is None:
-            return np.zeros((self.n, self.n), np.complex128), np.zeros((self.n, self.n))
-        views = self._views(obj)
-        target = self.psi if self.algorithm == "dm" else 2 * self.phi - self.psi
-        num = xp.sum(xp.conj(views).astype(xp.complex128) * target, axis=0)
-        den = xp.sum(xp.abs(views).astype(xp.float64) ** 2, axis=0)
-        return self._host(num), self._host(den)
+            n = self.n
+            return xp.zeros((n, n), np.complex64), xp.zeros((n, n), np.float32)
+        target = self.psi if self.algorithm == "dm" else self.w
+        return self.ops.probe_sums(target, self.asarray(obj), self.geometry)
 
 
 def warm_up(name: str, algorithm: str) -> None:
@@ -190,15 +183,16 @@ def _c64(a) -> np.ndarray:
 
 
 def make_backend(name: str, obj_shape, n: int, algorithm: str, threads: int = 1):
-    """An empty backend called ``name`` for one rank's frames; a clear error if it cannot run."""
+    """An empty backend called ``name`` for one rank's frames; for ``cupy``
+    :class:`~sparkmpi.apps.cuda.GPUUnavailable` (one line) when no GPU can run it."""
     if name == "cpu":
         return CPUBackend(obj_shape, n, algorithm, threads)
     if name == "numpy":
-        return ArrayBackend(np, obj_shape, n, algorithm)
+        from sparkmpi.apps.ptycho.array_ops import NumpyOps
+
+        return StackBackend(NumpyOps(), obj_shape, n, algorithm)
     if name == "cupy":
-        try:
-            import cupy
-        except ImportError as exc:
-            raise RuntimeError(f"backend 'cupy' needs the cupy package: {exc}") from None
-        return ArrayBackend(cupy, obj_shape, n, algorithm)
+        from sparkmpi.apps.ptycho.gpu import CupyOps
+
+        return StackBackend(CupyOps(), obj_shape, n, algorithm)
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {name!r}")

@@ -28,6 +28,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from sparkmpi.apps.cuda import check_before_launch
     from sparkmpi.apps.ptycho.cxi import read_cxi, write_reconstruction
     from sparkmpi.apps.ptycho.figures import save_reconstruction_png
     from sparkmpi.apps.ptycho.pipeline import reconstruct
@@ -45,6 +46,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     )
     if Path(args.output).suffix.lower() not in (".h5", ".hdf5", ".cxi"):
         raise ValueError(f"{args.output}: the reconstruction is written as HDF5 (.h5)")
+    check_before_launch(settings.backend, args.master)
     scan = read_cxi(args.input)
     spark = spark_session(args.master, cores=args.ranks, app_name="spark-mpi ptycho")
     try:

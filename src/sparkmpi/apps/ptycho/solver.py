@@ -48,16 +48,23 @@ class Reconstruction:
     illumination: np.ndarray  # Σ_j |P|² over the windows: where the object is well determined
 
 
-def _allreduce(comm, array: np.ndarray) -> np.ndarray:
-    if comm is not None and comm.size > 1:
-        from mpi4py import MPI
+def _allreduce(comm, array, xp=np):
+    """The sum of ``array`` over the ranks of ``comm``, in ``xp``; with one rank ``array``
+    itself, so a single GPU rank never copies to the host."""
+    if comm is None or comm.size == 1:
+        return array
+    from mpi4py import MPI
 
-        comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM)
-    return array
+    from sparkmpi.apps.cuda import to_host
+
+    host = np.array(to_host(array), ndmin=1)
+    comm.Allreduce(MPI.IN_PLACE, host, op=MPI.SUM)
+    return xp.asarray(host.reshape(np.shape(array)))
 
 
-def _update(numerator: np.ndarray, denominator: np.ndarray, previous: np.ndarray) -> np.ndarray:
-    delta = REGULARISATION * float(denominator.max()) + 1e-30
+def _update(numerator, denominator, previous):
+    """The regularised quotient (num + δ prev) / (den + δ), in the arrays' own module."""
+    delta = REGULARISATION * denominator.max() + 1e-30
     return ((numerator + delta * previous) / (denominator + delta)).astype(np.complex64)
 
 
@@ -73,19 +80,24 @@ class Solver:
         self.settings = settings or SolverSettings()
         self.comm = comm
         self.object_shape = tuple(int(v) for v in object_shape)
-        self.probe = np.asarray(probe, dtype=np.complex64).copy()
-        self.object = np.ones(self.object_shape, dtype=np.complex64)
+        if self.settings.backend == "cupy":
+            from sparkmpi.apps.cuda import use_rank_device
+
+            use_rank_device(comm)
         self.backend = make_backend(
             self.settings.backend,
             self.object_shape,
-            self.probe.shape[0],
+            np.shape(probe)[0],
             self.settings.algorithm,
             self.settings.threads,
         )
-        self.errors: list[float] = []
+        self.xp = xp = self.backend.xp
+        self.probe = xp.array(np.asarray(probe, dtype=np.complex64))
+        self.object = xp.ones(self.object_shape, dtype=np.complex64)
+        self._errors: list = []  # per iteration; device scalars until read
         self.frames = 0
         self._power = 0.0
-        self._illumination = np.zeros(self.object_shape, dtype=np.float64)
+        self._illumination = xp.zeros(self.object_shape, dtype=np.float32)
 
     def add_frames(self, amplitudes: np.ndarray, positions: np.ndarray) -> None:
         """Adds frames (measured amplitudes in FFT order, integer window corners) to this
@@ -110,28 +122,44 @@ class Solver:
     ) -> Reconstruction:
         """Runs ``iterations`` more iterations over every rank's frames; ``progress(i, error)``
         after each (i counts from the first iteration ever)."""
-        comm, settings = self.comm, self.settings
+        comm, settings, xp = self.comm, self.settings, self.xp
+        backend = self.backend
         beta = settings.beta if settings.algorithm == "raar" else 1.0
-        total = _allreduce(comm, np.array([self._power]))[0]
-        obj_den = _allreduce(comm, self.backend.illumination(self.probe))
+        total = float(_allreduce(comm, np.array([self._power]))[0])
+        obj_den = _allreduce(comm, backend.illumination(self.probe), xp)
         for _ in range(iterations):
-            i = len(self.errors)
-            obj_num, err = self.backend.fourier_pass(self.probe, self.object, beta)
-            err = _allreduce(comm, np.array([err]))[0]
-            self.object = _update(_allreduce(comm, obj_num), obj_den, self.object)
+            i = len(self._errors)
+            obj_num, err = backend.fourier_pass(self.probe, self.object, beta)
+            err = _allreduce(comm, err, xp)
+            self.object = _update(_allreduce(comm, obj_num, xp), obj_den, self.object)
             if settings.probe_start is not None and i >= settings.probe_start:
-                num, den = self.backend.probe_sums(self.object)
-                self.probe = _update(_allreduce(comm, num), _allreduce(comm, den), self.probe)
-                obj_den = _allreduce(comm, self.backend.illumination(self.probe))
-            self.errors.append(float(err / max(total, 1e-30)))
+                num, den = backend.probe_sums(self.object)
+                self.probe = _update(
+                    _allreduce(comm, num, xp), _allreduce(comm, den, xp), self.probe
+                )
+                obj_den = _allreduce(comm, backend.illumination(self.probe), xp)
+            self._errors.append(err / max(total, 1e-30))
             if progress is not None:
-                progress(i, self.errors[-1])
+                progress(i, float(self._errors[-1]))
         self._illumination = obj_den
         return self.result()
 
+    @property
+    def errors(self) -> list[float]:
+        """The normalised Fourier error of every iteration so far (reading it waits for the
+        device)."""
+        self._errors = [float(e) for e in self._errors]
+        return list(self._errors)
+
     def result(self) -> Reconstruction:
+        """Object, probe, errors and illumination so far, as host numpy arrays."""
+        from sparkmpi.apps.cuda import to_host
+
         return Reconstruction(
-            self.object, self.probe, list(self.errors), self._illumination.astype(np.float32)
+            to_host(self.object),
+            to_host(self.probe),
+            self.errors,
+            to_host(self._illumination).astype(np.float32),
         )
 
 
