@@ -5,20 +5,62 @@ return slices (nz, n, n). ART is the sequential row-by-row Kaczmarz sweep; it is
 *across slices* (every row update is applied to all slices at once, since they share the
 matrix), never by reordering or batching the rows, so each slice sees exactly the textbook
 sequence of updates.
+
+Every algorithm takes ``backend``: ``"cpu"`` (numpy, scipy.sparse, numba) or ``"cupy"`` (the
+GPU, see :mod:`.gpu`). SIRT and FBP are written once against the backend's array module, so
+both backends run the same code; ART on the GPU is its own kernel with the same row order.
+Results are host numpy float32 arrays whatever the backend.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
 
 import numba
 import numpy as np
 import scipy.sparse as sp
 
+from sparkmpi.apps.cuda import require_cupy, to_host
+from sparkmpi.apps.tomo import gpu
 from sparkmpi.apps.tomo.projector import row_norms_sq
 
 Progress = Callable[[int, int], None] | None
+BACKENDS = ("cpu", "cupy")
+
+
+@dataclass(frozen=True)
+class ArrayBackend:
+    """Where SIRT and FBP run: ``xp`` numpy and ``sparse`` scipy.sparse on the host (``cpu``),
+    or cupy and cupyx.scipy.sparse on the current GPU (``cupy``)."""
+
+    name: str
+    xp: ModuleType
+    sparse: ModuleType
+
+    def to_host(self, array) -> np.ndarray:
+        """``array`` as a host numpy array (copied from the device if need be)."""
+        return np.asarray(to_host(array))
+
+    def synchronize(self) -> None:
+        """Returns once the work queued on the device so far has finished."""
+        if self.name == "cupy":
+            self.xp.cuda.get_current_stream().synchronize()
+
+
+def array_backend(name: str) -> ArrayBackend:
+    """The backend called ``name``: ValueError naming the choices for an unknown one, and for
+    ``cupy`` where no GPU can be used GPUUnavailable, one line, before anything else."""
+    if name == "cpu":
+        return ArrayBackend("cpu", np, sp)
+    if name == "cupy":
+        cupy = require_cupy()
+        import cupyx.scipy.sparse
+
+        return ArrayBackend("cupy", cupy, cupyx.scipy.sparse)
+    raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {name!r}")
 
 
 @numba.njit(cache=True)
@@ -46,19 +88,19 @@ def _kaczmarz_sweep(indptr, indices, data, norms, b, x, beta):
                 col[s] += v * dot[s]
 
 
-def _as_columns(sinograms: np.ndarray, A: sp.csr_matrix) -> np.ndarray:
-    """Sinograms (nz, n_angles, n_det) as the right-hand sides (rows, nz) of ``A``."""
-    sinograms = np.asarray(sinograms, dtype=np.float32)
+def _as_columns(sinograms, A: sp.csr_matrix, xp: ModuleType = np):
+    """Sinograms (nz, n_angles, n_det) as the right-hand sides (rows, nz) of ``A``, in ``xp``."""
+    sinograms = xp.asarray(sinograms, dtype=xp.float32)
     nz = sinograms.shape[0]
     b = sinograms.reshape(nz, -1)
     if b.shape[1] != A.shape[0]:
         raise ValueError(f"sinograms {sinograms.shape[1:]} do not match the matrix {A.shape}")
-    return np.ascontiguousarray(b.T)
+    return xp.ascontiguousarray(b.T)
 
 
-def _as_slices(x: np.ndarray) -> np.ndarray:
+def _as_slices(x, xp: ModuleType = np):
     n = math.isqrt(x.shape[0])
-    return np.ascontiguousarray(x.T).reshape(x.shape[1], n, n)
+    return xp.ascontiguousarray(x.T).reshape(x.shape[1], n, n)
 
 
 def art(
@@ -69,18 +111,23 @@ def art(
     positivity: bool = True,
     x0: np.ndarray | None = None,
     progress: Progress = None,
+    backend: str = "cpu",
 ) -> np.ndarray:
     """ART slices (nz, n, n): ``iterations`` Kaczmarz sweeps over the rows of ``A`` in order.
 
-    Each row update is ``x += beta (b_j - a_j·x) / |a_j|² a_j``; with ``positivity`` negative
-    voxels are zeroed after every sweep. ``progress(i, iterations)`` is called after sweep i.
+    Each row update is ``x += beta (b_j - a_j·x) / |a_j|² a_j`` (rows of zero norm skipped),
+    starting from ``x0`` (default zeros); with ``positivity`` negative voxels are zeroed after
+    every sweep. ``progress(i, iterations)`` is called after sweep i. ``backend="cupy"`` runs
+    the sweeps on the GPU (:func:`.gpu.art`), equal to float32 rounding.
     """
+    if array_backend(backend).name == "cupy":
+        return gpu.art(sinograms, A, iterations, beta, positivity, x0, progress)
     b = _as_columns(sinograms, A)
     nz = b.shape[1]
     if x0 is None:
         x = np.zeros((A.shape[1], nz), dtype=np.float32)
     else:
-        x = np.ascontiguousarray(np.asarray(x0, dtype=np.float32).reshape(nz, -1).T)
+        x = np.array(np.asarray(x0, dtype=np.float32).reshape(nz, -1).T, order="C")
     norms = row_norms_sq(A)
     for i in range(iterations):
         _kaczmarz_sweep(A.indptr, A.indices, A.data, norms, b, x, np.float32(beta))
@@ -123,29 +170,51 @@ def art_textbook(
     return f.reshape(n, n)
 
 
+def _sirt_operators(A: sp.csr_matrix, backend: ArrayBackend) -> tuple:
+    """``A``, ``Aᵀ`` (CSR) and the inverse row and column sums of ``A`` (columns, 0 where a sum
+    is 0) in the backend's arrays; on the GPU built once per matrix and device."""
+
+    def build(A: sp.csr_matrix) -> tuple:
+        row_sums = np.asarray(A.sum(axis=1), dtype=np.float32).ravel()
+        col_sums = np.asarray(A.sum(axis=0), dtype=np.float32).ravel()
+        inv_r = np.divide(1, row_sums, out=np.zeros_like(row_sums), where=row_sums > 0)[:, None]
+        inv_c = np.divide(1, col_sums, out=np.zeros_like(col_sums), where=col_sums > 0)[:, None]
+        AT = A.T.tocsr()
+        if backend.name == "cpu":
+            return A, AT, inv_r, inv_c
+        xp, sparse = backend.xp, backend.sparse
+        return sparse.csr_matrix(A), sparse.csr_matrix(AT), xp.asarray(inv_r), xp.asarray(inv_c)
+
+    if backend.name == "cpu":
+        return build(A)
+    return gpu.device_system_matrix(A).cached("sirt", build)
+
+
 def sirt(
     sinograms: np.ndarray,
     A: sp.csr_matrix,
     iterations: int,
     positivity: bool = True,
     progress: Progress = None,
+    backend: str = "cpu",
 ) -> np.ndarray:
-    """SIRT slices (nz, n, n): ``x += C Aᵀ R (b - A x)`` with R, C the inverse row and column
-    sums of ``A``; all slices at once."""
-    b = _as_columns(sinograms, A)
-    row_sums = np.asarray(A.sum(axis=1), dtype=np.float32).ravel()
-    col_sums = np.asarray(A.sum(axis=0), dtype=np.float32).ravel()
-    inv_r = np.divide(1, row_sums, out=np.zeros_like(row_sums), where=row_sums > 0)[:, None]
-    inv_c = np.divide(1, col_sums, out=np.zeros_like(col_sums), where=col_sums > 0)[:, None]
-    AT = A.T.tocsr()
-    x = np.zeros((A.shape[1], b.shape[1]), dtype=np.float32)
+    """SIRT slices (nz, n, n): ``x += C Aᵀ R (b - A x)`` from ``x = 0``, with R, C the inverse
+    row and column sums of ``A``; all slices at once, on ``backend``'s arrays (the same code
+    for numpy and cupy). ``progress(i, iterations)`` is called after iteration i has finished.
+    """
+    be = array_backend(backend)
+    xp = be.xp
+    b = _as_columns(sinograms, A, xp)
+    M, MT, inv_r, inv_c = _sirt_operators(A, be)
+    x = xp.zeros((A.shape[1], b.shape[1]), dtype=xp.float32)
     for i in range(iterations):
-        x += inv_c * (AT @ (inv_r * (b - A @ x)))
+        x += inv_c * (MT @ (inv_r * (b - M @ x)))
         if positivity:
-            np.maximum(x, 0, out=x)
+            xp.maximum(x, 0, out=x)
         if progress is not None:
+            be.synchronize()
             progress(i, iterations)
-    return _as_slices(x)
+    return be.to_host(_as_slices(x, xp))
 
 
 def _ramp_filter(n_det: int, kind: str) -> tuple[np.ndarray, int]:
@@ -173,29 +242,33 @@ def fbp(
     n: int | None = None,
     center: float | None = None,
     filter: str = "ramlak",
+    backend: str = "cpu",
 ) -> np.ndarray:
-    """Filtered back-projection slices (nz, n, n), in the geometry of :mod:`.projector`."""
-    sinograms = np.asarray(sinograms, dtype=np.float32)
+    """Filtered back-projection slices (nz, n, n), in the geometry of :mod:`.projector`, on
+    ``backend``'s arrays (the same code for numpy and cupy)."""
+    be = array_backend(backend)
+    xp = be.xp
+    sinograms = xp.asarray(sinograms, dtype=xp.float32)
     nz, n_angles, n_det = sinograms.shape
     n = n_det if n is None else n
     center = (n_det - 1) / 2 if center is None else float(center)
     ramp, size = _ramp_filter(n_det, filter)
-    spectrum = np.fft.rfft(sinograms, n=size, axis=-1) * ramp
-    filtered = np.fft.irfft(spectrum, n=size, axis=-1)[..., :n_det].astype(np.float32)
-    coords = np.arange(n) - (n - 1) / 2
-    yy, xx = np.meshgrid(coords, coords, indexing="ij")
-    out = np.zeros((nz, n * n), dtype=np.float32)
+    spectrum = xp.fft.rfft(sinograms, n=size, axis=-1) * xp.asarray(ramp)
+    filtered = xp.fft.irfft(spectrum, n=size, axis=-1)[..., :n_det].astype(xp.float32)
+    coords = xp.arange(n) - (n - 1) / 2
+    yy, xx = xp.meshgrid(coords, coords, indexing="ij")
+    out = xp.zeros((nz, n * n), dtype=xp.float32)
     flat = filtered.reshape(nz * n_angles, n_det)
     for a, theta in enumerate(np.deg2rad(np.asarray(angles_deg, dtype=np.float64))):
         t = (xx * np.cos(theta) + yy * np.sin(theta)).ravel() + center
-        i0 = np.floor(t).astype(np.int64)
-        w = (t - i0).astype(np.float32)
+        i0 = xp.floor(t).astype(xp.int64)
+        w = (t - i0).astype(xp.float32)
         inside = (i0 >= 0) & (i0 + 1 < n_det)
-        i0c = np.clip(i0, 0, n_det - 2)
+        i0c = xp.clip(i0, 0, n_det - 2)
         rows = flat[a::n_angles]
         value = rows[:, i0c] * (1 - w) + rows[:, i0c + 1] * w
-        out += np.where(inside, value, 0)
-    return (out * np.float32(np.pi / n_angles)).reshape(nz, n, n)
+        out += xp.where(inside, value, 0)
+    return be.to_host((out * np.float32(np.pi / n_angles)).reshape(nz, n, n))
 
 
 def estimate_center(sinogram: np.ndarray, angles_deg: np.ndarray, search: float = 0.25) -> float:

@@ -53,6 +53,7 @@ def cmd_to_parquet(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from sparkmpi.apps.cuda import check_before_launch
     from sparkmpi.apps.tomo.io import read_series
     from sparkmpi.apps.tomo.parquet import write_parquet
     from sparkmpi.apps.tomo.pipeline import ReconSettings, reconstruct
@@ -67,11 +68,13 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         not args.no_positivity,
         args.center,
         args.binning,
+        args.backend,
     )
     if Path(args.output).suffix.lower() not in FORMATS:
         raise ValueError(
             f"{args.output}: unknown volume format (expected one of {', '.join(FORMATS)})"
         )
+    check_before_launch(settings.backend, args.master)
     with tempfile.TemporaryDirectory(prefix="spark-mpi-tomo-") as tmp:
         parquet = Path(args.input)
         if parquet.suffix != ".parquet":
@@ -132,5 +135,8 @@ def add_commands(sub) -> None:
     rec.add_argument("--angles", help="tilt angles in degrees, comma separated")
     rec.add_argument("--ranks", type=int, default=2, help="partitions / MPI ranks (2)")
     rec.add_argument("--engine", choices=("mpi", "spark"), default="mpi")
+    rec.add_argument(
+        "--backend", choices=("cpu", "cupy"), default="cpu", help="cpu, or cupy: each rank on a GPU"
+    )
     rec.add_argument("--master", help="Spark master URL (default local[RANKS])")
     rec.set_defaults(func=cmd_reconstruct)

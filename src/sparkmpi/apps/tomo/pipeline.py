@@ -4,7 +4,8 @@ Spark reads the Parquet file (one row per slice, holding that slice's whole sino
 the slices into contiguous slabs, one per partition, and each partition is reconstructed where
 it lies: either as a plain Spark ``mapPartitions`` (``engine="spark"``) or as the ranks of one
 MPI job (``engine="mpi"``), which gather the volume on rank 0 (``MPI_Gather``) and agree on the
-reconstruction time (``MPI_Allreduce``); rank 0 logs every iteration.
+reconstruction time (``MPI_Allreduce``); rank 0 logs every iteration. With ``backend="cupy"``
+each rank reconstructs on its GPU (:func:`sparkmpi.apps.cuda.use_rank_device`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sparkmpi.apps.tomo.algorithms import art, estimate_center, fbp, sirt
+from sparkmpi.apps.cuda import use_rank_device
+from sparkmpi.apps.tomo.algorithms import BACKENDS, art, estimate_center, fbp, sirt
 from sparkmpi.apps.tomo.parquet import decode_sinogram, read_metadata
 from sparkmpi.apps.tomo.projector import system_matrix
 
@@ -28,7 +30,8 @@ ENGINES = ("mpi", "spark")
 
 @dataclass(frozen=True)
 class ReconSettings:
-    """How to reconstruct: algorithm, its iterations and relaxation, geometry."""
+    """How to reconstruct: algorithm, its iterations and relaxation, geometry, and where
+    (``backend``: ``cpu`` or ``cupy``, the GPU)."""
 
     algorithm: str = "art"
     iterations: int = 10
@@ -36,6 +39,7 @@ class ReconSettings:
     positivity: bool = True
     center: float | None = None  # rotation axis in detector bins (after binning); None: estimate
     binning: int = 1  # average this many detector bins into one
+    backend: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -44,6 +48,8 @@ class ReconSettings:
             )
         if self.iterations < 1 or self.binning < 1 or not 0 < self.beta <= 2:
             raise ValueError("iterations and binning must be >= 1 and beta in (0, 2]")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
 
 
 def bin_detector(sinograms: np.ndarray, binning: int) -> np.ndarray:
@@ -58,15 +64,22 @@ def bin_detector(sinograms: np.ndarray, binning: int) -> np.ndarray:
 def reconstruct_slab(
     sinograms: np.ndarray, angles_deg: np.ndarray, settings: ReconSettings, progress=None
 ) -> np.ndarray:
-    """Slices (nz, n, n) from their sinograms (nz, n_angles, n_det), all with one geometry."""
+    """Slices (nz, n, n) from their sinograms (nz, n_angles, n_det), all with one geometry, on
+    ``settings.backend`` (host float32 arrays either way)."""
     sinograms = bin_detector(np.asarray(sinograms, dtype=np.float32), settings.binning)
     n_det = sinograms.shape[-1]
     center = settings.center if settings.center is not None else (n_det - 1) / 2
     if settings.algorithm == "fbp":
-        return fbp(sinograms, angles_deg, n=n_det, center=center)
+        return fbp(sinograms, angles_deg, n=n_det, center=center, backend=settings.backend)
     A = system_matrix(n_det, tuple(float(a) for a in angles_deg), n_det, center)
     if settings.algorithm == "sirt":
-        return sirt(sinograms, A, settings.iterations, positivity=settings.positivity)
+        return sirt(
+            sinograms,
+            A,
+            settings.iterations,
+            positivity=settings.positivity,
+            backend=settings.backend,
+        )
     return art(
         sinograms,
         A,
@@ -74,6 +87,7 @@ def reconstruct_slab(
         beta=settings.beta,
         positivity=settings.positivity,
         progress=progress,
+        backend=settings.backend,
     )
 
 
@@ -105,6 +119,8 @@ def _spark_partition(meta: dict, settings: ReconSettings, rows):
 
 def _mpi_rank(meta: dict, settings: ReconSettings, comm, rows):
     """One rank: reconstruct its slab, log the global residual, gather the volume on rank 0."""
+    if settings.backend == "cupy":
+        use_rank_device(comm)
     index, sinos = _slab(meta, rows)
     angles = np.asarray(meta["angles_deg"])
     start = time.perf_counter()
