@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     ptycho.add_argument("--json", help="write the figures as JSON here")
     ptycho.add_argument("--plot", help="write a PNG plot here")
     ptycho.set_defaults(func=_bench("ptycho"))
+    from sparkmpi.bench.gpu import add_arguments as gpu_arguments
+
+    gpu = bench_sub.add_parser("gpu", help="solvers on one GPU vs its FFT bound and the CPU")
+    gpu_arguments(gpu).set_defaults(func=_bench("gpu"))
     faults = bench_sub.add_parser(
         "faults", help="faults under a job on a namespace cluster; driver under floods"
     )

@@ -6,7 +6,7 @@ Ranks get their GPU in one of two ways:
   the runner sets ``CUDA_VISIBLE_DEVICES`` of each rank to its task's GPU addresses, so the
   rank sees exactly one device, device 0.
 * No GPU resources: the ranks on one host take the host's visible devices round robin by
-  their node-local rank; more ranks than devices share them, with a warning.
+  their node-local rank; ranks that end up on the same GPU warn that they share it.
 
 Kernels of the backends are CUDA C (``cupy.RawModule``) written against ``float``, ``float2``
 and ``double`` only, so that they compile with NVRTC as cupy does and with ``nvcc`` alone
@@ -64,24 +64,28 @@ def check_before_launch(backend: str, master: str | None) -> None:
 def use_rank_device(comm=None) -> int:
     """Makes this rank's GPU cupy's current device and returns its index.
 
-    With ``comm`` (an mpi4py communicator) the ranks sharing this host take the visible
-    devices round robin by node-local rank, warning once per rank when they must share one.
-    Without it, device 0.
+    With ``comm`` (an mpi4py communicator; collective) the ranks sharing this host take their
+    visible devices round robin by node-local rank, and a rank whose GPU (by PCI bus id)
+    another rank of the host also uses warns once. Without it, device 0.
     """
     cupy = require_cupy()
     count = cupy.cuda.runtime.getDeviceCount()
-    local_rank, local_size = 0, 1
-    if comm is not None and comm.size > 1:
-        from mpi4py import MPI
+    if comm is None or comm.size == 1:
+        cupy.cuda.Device(0).use()
+        return 0
+    from mpi4py import MPI
 
-        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-        local_rank, local_size = local.rank, local.size
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        device = local.rank % count
+        bus = cupy.cuda.Device(device).pci_bus_id
+        sharing = local.allgather(bus).count(bus)
+    finally:
         local.Free()
-    device = local_rank % count
-    if local_size > count:
+    if sharing > 1:
         warnings.warn(
-            f"{local_size} ranks share {count} GPU(s) on this host: rank {local_rank} uses "
-            f"device {device}; set spark.task.resource.gpu.amount=1 for one GPU per rank",
+            f"{sharing} ranks on this host share GPU {bus}; set spark.task.resource.gpu.amount=1 "
+            "on a cluster whose workers advertise their GPUs for one GPU per rank",
             stacklevel=2,
         )
     cupy.cuda.Device(device).use()

@@ -1,4 +1,9 @@
-"""Shared output of the benchmarks: a rich table, JSON and a PNG bar chart."""
+"""Shared output of the benchmarks: a table, JSON and a PNG bar chart.
+
+Only the standard library is needed to write the JSON, so solver benchmarks run on machines
+that have Python, numpy and CUDA alone (the GPU machines); rich, psutil and matplotlib are
+used where installed.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +14,24 @@ import platform
 import subprocess
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
 
 def print_table(title: str, columns: list[str], rows: list[list[object]]) -> None:
+    """Prints the table (rich when installed, else plain text)."""
+    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+        print(title)
+        for line in [columns, *cells]:
+            print("  ".join(v.rjust(w) for v, w in zip(line, widths, strict=True)))
+        return
     table = Table(title=title)
     for column in columns:
         table.add_column(column, justify="right" if column != columns[0] else "left")
-    for row in rows:
-        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    for row in cells:
+        table.add_row(*row)
     Console().print(table)
 
 
@@ -48,8 +61,6 @@ def _cpu_model() -> str:
 
 def provenance() -> dict:
     """Which code made a figure, when, and on what machine."""
-    import psutil
-
     package = str(Path(__file__).resolve().parents[1])  # the code that made the figure
     status = _git("status", "--porcelain", "--", package)
     return {
@@ -59,12 +70,17 @@ def provenance() -> dict:
         "machine": {
             "cpus": os.cpu_count(),
             "cpu_model": _cpu_model(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "memory_gib": round(
+                os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1
+            ),
             "kernel": platform.release(),
             "python": platform.python_version(),
         },
-        "software": {name: _version(name) for name in ("pyspark", "mpi4py", "mpich", "numpy")},
+        "software": {name: _version(name) for name in _SOFTWARE},
     }
+
+
+_SOFTWARE = ("pyspark", "mpi4py", "mpich", "numpy", "cupy", "cupy-cuda12x", "cupy-cuda13x")
 
 
 def _version(distribution: str) -> str | None:
@@ -88,7 +104,11 @@ def bar_plot(path: str | Path | None, title: str, labels: list[str], seconds: li
     """A log-scale bar chart of ``seconds`` per label, written as PNG."""
     if not path:
         return
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"not written: {path} (matplotlib is not installed)")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
