@@ -4,14 +4,10 @@ without a GPU it stops with one line. On a GPU: cupy results equal the CPU ones.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from helpers import spark_mpi
+from helpers import compile_cuda, ptx_entries, spark_mpi
 from sparkmpi.apps.cuda import GPUUnavailable, unavailable_reason
 from sparkmpi.apps.tomo.algorithms import _kaczmarz_sweep, _ramp_filter, art, fbp, sirt
 from sparkmpi.apps.tomo.gpu import ART_SOURCE, art_layout, device_system_matrix, pixel_positions
@@ -23,9 +19,6 @@ from sparkmpi.apps.tomo.projector import project, system_matrix
 NO_GPU = unavailable_reason()
 needs_gpu = pytest.mark.skipif(NO_GPU is not None, reason=f"needs a GPU: {NO_GPU}")
 without_gpu = pytest.mark.skipif(NO_GPU is None, reason="checks the no-GPU path; a GPU is here")
-NVCC = shutil.which("nvcc") or next(
-    (p for p in ("/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc") if Path(p).exists()), None
-)
 ANGLES = tuple(np.linspace(-70, 70, 20))
 
 
@@ -44,18 +37,8 @@ def _close(result, expected, rtol=1e-3):
     assert np.abs(result - expected).max() <= rtol * np.abs(expected).max()
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 def test_art_kernel_compiles_with_plain_nvcc(tmp_path):
-    source, ptx = tmp_path / "art.cu", tmp_path / "art.ptx"
-    source.write_text(ART_SOURCE)
-    done = subprocess.run(
-        [NVCC, "-ptx", "-arch=compute_90", str(source), "-o", str(ptx)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert ".entry art_sweep" in ptx.read_text()
+    assert ptx_entries(compile_cuda(ART_SOURCE, tmp_path)) == {"art_sweep"}
 
 
 @pytest.mark.parametrize("n_pix", [32 * 32, 30 * 30, 7 * 9])
