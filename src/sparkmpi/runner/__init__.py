@@ -14,6 +14,7 @@ _EXPORTS = {
     "MPISession": "sparkmpi.runner.session",
     "MPIJobError": "sparkmpi.runner.errors",
     "InsufficientSlotsError": "sparkmpi.runner.errors",
+    "UnschedulableResourcesError": "sparkmpi.runner.errors",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -11,10 +11,16 @@ from functools import partial
 
 from sparkmpi.pmi import ListenerLimits
 from sparkmpi.runner.addresses import listen_address
-from sparkmpi.runner.errors import InsufficientSlotsError, MPIJobError, error_from_reports
+from sparkmpi.runner.errors import (
+    InsufficientSlotsError,
+    MPIJobError,
+    UnschedulableResourcesError,
+    error_from_reports,
+)
 from sparkmpi.runner.frames import encode
 from sparkmpi.runner.hub import DriverHub, JobState, OutputSink, get_hub, print_prefixed
 from sparkmpi.runner.launcher import TaskSpec, barrier_task
+from sparkmpi.runner.resources import local_mode_resources
 from sparkmpi.runner.runtime import get_runtime
 
 KILL_GRACE_S = 5.0
@@ -60,9 +66,10 @@ def ensure_slots(sc, ranks: int, wait: float | None = None) -> None:
     """Returns once ``ranks`` task slots are free; :class:`InsufficientSlotsError` otherwise.
 
     Spark's own check would retry for minutes before failing; this one fails at once in local
-    mode and after ``wait`` seconds (executors still registering) on a cluster.
+    mode and after ``wait`` seconds (executors still registering) on a cluster, including
+    ``local-cluster[...]``.
     """
-    local = sc.master.startswith("local")
+    local = sc.master == "local" or sc.master.startswith("local[")  # local-cluster[...] waits
     wait = 0.0 if local else (SLOT_WAIT_S if wait is None else wait)
     deadline = time.monotonic() + wait
     while True:
@@ -145,7 +152,10 @@ def spark_error_summary(error: BaseException) -> str:
 
 
 class BarrierJob:
-    """One MPI job as a barrier stage, its Spark action running on a background thread."""
+    """One MPI job as a barrier stage, its Spark action running on a background thread.
+
+    Construction submits nothing: a job that cannot be scheduled raises here
+    (:class:`UnschedulableResourcesError`, :class:`InsufficientSlotsError`)."""
 
     def __init__(
         self,
@@ -161,6 +171,9 @@ class BarrierJob:
     ):
         self.sc = rdd.context
         get_runtime(runtime)
+        unschedulable = local_mode_resources(self.sc.master, dict(self.sc.getConf().getAll()))
+        if unschedulable:
+            raise UnschedulableResourcesError(unschedulable)
         self.size = rdd.getNumPartitions()
         ensure_slots(self.sc, self.size, slot_wait)
         self.hub = hub_for(self.sc, pmi_host)

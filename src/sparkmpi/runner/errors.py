@@ -16,6 +16,11 @@ class InsufficientSlotsError(MPIJobError):
     """The cluster cannot run every rank at once, so the job was not started."""
 
 
+class UnschedulableResourcesError(InsufficientSlotsError, ValueError):
+    """The Spark conf asks for task resources (GPUs) that this master cannot schedule, such as
+    local mode's; the job was not started."""
+
+
 def error_from_reports(job_id: str, size: int, reports: list[dict]) -> MPIJobError:
     """One exception for a failed job: the first failing rank, its reason, traceback, stderr."""
     first = reports[0]

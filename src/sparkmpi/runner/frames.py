@@ -37,6 +37,7 @@ class Kind(IntEnum):
     OUTPUT = 10  # task -> driver: (stream, text) from the rank's stdout/stderr
     ABORT = 11  # driver -> task: kill your rank, the job has failed
     FINISHED = 12  # task -> driver: rank exited cleanly
+    RESOURCES = 13  # task -> driver: its Spark-assigned resources ({"gpu": [addresses]})
 
 
 @dataclass

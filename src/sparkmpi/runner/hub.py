@@ -18,6 +18,7 @@ from sparkmpi.pmi import AbortRequest, ListenerLimits, PMIJob, PMIServer
 from sparkmpi.pmi.auth import CONTROL_PURPOSE, acceptance_line, authenticate_peer, refusal_line
 from sparkmpi.pmi.listener import GuardedListener
 from sparkmpi.runner.frames import Kind, Parts, decode, encode, read_parts, write_parts
+from sparkmpi.runner.resources import shared_gpus, sharing_warning
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class JobState:
     results_done: threading.Event = field(default_factory=threading.Event)
     links: dict[int, asyncio.StreamWriter] = field(default_factory=dict)
     hosts: dict[int, str] = field(default_factory=dict)
+    gpus: dict[int, list[str]] = field(default_factory=dict)
     closed: bool = False
     changed: threading.Event = field(default_factory=threading.Event)
 
@@ -242,6 +244,19 @@ class DriverHub:
             job.results[rank] = value
             if len(job.results) == job.size:
                 job.results_done.set()
+        elif kind is Kind.RESOURCES:
+            self._on_gpus(job, rank, decode(parts))
+
+    def _on_gpus(self, job: JobState, rank: int, resources: object) -> None:
+        """Records rank ``rank``'s GPU addresses; once every rank's are in, prints one warning
+        line to stderr if ranks on one host share a GPU."""
+        if not isinstance(resources, dict) or rank in job.gpus:
+            return
+        job.gpus[rank] = [str(address) for address in resources.get("gpu", ())]
+        if len(job.gpus) == job.size:
+            shared = shared_gpus(job.hosts, job.gpus)
+            if shared:
+                print(sharing_warning(job.job_id, shared), file=sys.stderr, flush=True)
 
 
 _hubs: dict[tuple, DriverHub] = {}

@@ -26,6 +26,7 @@ from sparkmpi.pmi import PMIAuthError, ServerUnreachable, connect_rank, open_lin
 from sparkmpi.pmi.auth import CONTROL_PURPOSE, client_handshake
 from sparkmpi.runner.frames import Kind, Parts, decode, encode, recv_parts, send, send_parts
 from sparkmpi.runner.proctree import become_subreaper, children_now, kill_tree
+from sparkmpi.runner.resources import gpu_env, task_gpus
 from sparkmpi.runner.runtime import get_runtime
 from sparkmpi.runner.spare import request_spare, spares_paused, take_spare
 
@@ -79,12 +80,10 @@ def barrier_task(spec: TaskSpec, rows: Iterable) -> Iterator:
     single_host = True
     if runtime.needs_hosts:
         single_host = len(set(ctx.allGather(socket.gethostname()))) == 1
-    env = dict(spec.env)
-    gpus = ctx.resources().get("gpu")
-    if gpus is not None and gpus.addresses:
-        env.setdefault("CUDA_VISIBLE_DEVICES", ",".join(gpus.addresses))
+    gpus = task_gpus(ctx)
+    env = gpu_env(gpus, spec.env)
     runtime_env = runtime.rank_env(single_host)
-    return iter(launch_rank(spec, rank, rows, {**runtime_env, **env}, runtime_env))
+    return iter(launch_rank(spec, rank, rows, {**runtime_env, **env}, runtime_env, gpus))
 
 
 def _hub_connect(spec: TaskSpec, rank: int, host: str) -> socket.socket:
@@ -132,14 +131,20 @@ def launch_rank(
     rows: Iterable,
     env: dict[str, str],
     runtime_env: dict[str, str],
+    gpus: list[str] | None = None,
 ) -> list:
     """Runs rank ``rank`` to completion and returns what it produced (run mode).
 
-    ``env`` is added to the rank's environment; ``runtime_env`` (the MPI library's part of it)
-    is what this worker's next pre-started interpreter is started with."""
+    ``env`` is added to the rank's environment, whether the rank is a fresh process or a
+    pre-started one; ``runtime_env`` (the MPI library's part of it) is what this worker's next
+    pre-started interpreter is started with. ``gpus`` (the task's GPU addresses) are reported
+    to the driver, which warns when ranks on one host share a GPU."""
     host = socket.gethostname()
     control = _hub_connect(spec, rank, host)
     try:
+        if gpus:
+            with contextlib.suppress(OSError):  # a closed link is noticed where it matters
+                send(control, Kind.RESOURCES, {"gpu": list(gpus)})
         pmi_sock = _pmi_connect(spec, rank, host, control)
     except BaseException:
         control.close()
