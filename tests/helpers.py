@@ -127,3 +127,20 @@ def ptx_entries(ptx: str) -> set[str]:
         for line in ptx.splitlines()
         if line.startswith(".visible .entry")
     }
+
+
+def gpu_worker_cluster(workdir, workers: int, cores: int, gpus: list[str]):
+    """A standalone cluster (not started) whose workers each advertise ``gpus`` through a
+    discovery script: Spark schedules the addresses without checking they are real GPUs."""
+    from sparkmpi.deploy.standalone import StandaloneCluster
+
+    discovery = workdir / "gpus.sh"
+    addresses = ", ".join(f'"{g}"' for g in gpus)
+    discovery.write_text(f'#!/bin/sh\necho \'{{"name": "gpu", "addresses": [{addresses}]}}\'\n')
+    discovery.chmod(0o755)
+    cluster = StandaloneCluster(workdir, workers=workers, cores=cores)
+    cluster.env["SPARK_WORKER_OPTS"] = (
+        f"-Dspark.worker.resource.gpu.amount={len(gpus)} "
+        f"-Dspark.worker.resource.gpu.discoveryScript={discovery}"
+    )
+    return cluster

@@ -13,8 +13,9 @@ import sys
 
 import pytest
 
+from helpers import gpu_worker_cluster
 from sparkmpi import run_mpi
-from sparkmpi.deploy.standalone import StandaloneCluster, spark_env
+from sparkmpi.deploy.standalone import spark_env
 
 WARNING = "sparkmpi: warning: MPI job"
 
@@ -114,15 +115,7 @@ def results(stdout: str) -> dict[str, list]:
 @pytest.fixture(scope="module")
 def gpu_cluster(tmp_path_factory):
     """A standalone master and one 2-core worker that advertises two (pretend) GPUs."""
-    workdir = tmp_path_factory.mktemp("gpu-cluster")
-    discovery = workdir / "gpus.sh"
-    discovery.write_text('#!/bin/sh\necho \'{"name": "gpu", "addresses": ["0", "1"]}\'\n')
-    discovery.chmod(0o755)
-    cluster = StandaloneCluster(workdir, workers=1, cores=2)
-    cluster.env["SPARK_WORKER_OPTS"] = (
-        "-Dspark.worker.resource.gpu.amount=2 "
-        f"-Dspark.worker.resource.gpu.discoveryScript={discovery}"
-    )
+    cluster = gpu_worker_cluster(tmp_path_factory.mktemp("gpu-cluster"), 1, 2, ["0", "1"])
     cluster.start()
     yield cluster
     cluster.stop()

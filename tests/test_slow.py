@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import run_bench
+from helpers import gpu_worker_cluster, run_bench
 from sparkmpi import run_mpi
-from sparkmpi.deploy.standalone import StandaloneCluster
 
 pytestmark = pytest.mark.slow
 
@@ -47,15 +46,7 @@ def library_sum_and_gpus(comm, rows):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A standalone master and two 1-core workers on loopback, each with one (pretend) GPU."""
-    workdir = tmp_path_factory.mktemp("standalone")
-    discovery = workdir / "gpus.sh"
-    discovery.write_text('#!/bin/sh\necho \'{"name": "gpu", "addresses": ["0"]}\'\n')
-    discovery.chmod(0o755)
-    cluster = StandaloneCluster(workdir, workers=2, cores=1)
-    cluster.env["SPARK_WORKER_OPTS"] = (
-        "-Dspark.worker.resource.gpu.amount=1 "
-        f"-Dspark.worker.resource.gpu.discoveryScript={discovery}"
-    )
+    cluster = gpu_worker_cluster(tmp_path_factory.mktemp("standalone"), 2, 1, ["0"])
     cluster.start()
     yield cluster
     cluster.stop()

@@ -9,7 +9,7 @@ import pytest
 
 from helpers import compile_cuda, ptx_entries, spark_mpi
 from sparkmpi.apps.cuda import GPUUnavailable, unavailable_reason
-from sparkmpi.apps.tomo.algorithms import _kaczmarz_sweep, _ramp_filter, art, fbp, sirt
+from sparkmpi.apps.tomo.algorithms import _kaczmarz_sweep, art, fbp, sirt
 from sparkmpi.apps.tomo.gpu import ART_SOURCE, art_layout, device_system_matrix, pixel_positions
 from sparkmpi.apps.tomo.io import TiltSeries, write_tiff_series
 from sparkmpi.apps.tomo.phantom import blobs_phantom, simulate_tilt_series, tilt_angles
@@ -64,58 +64,6 @@ def test_kernel_layout_reproduces_cpu_art_exactly(problem):
             layout.indptr, layout.indices, layout.data, layout.norms, b, x, np.float32(0.7)
         )
     assert np.array_equal(x[layout.position, 0].reshape(1, 48, 48), expected)
-
-
-def _sirt_before(sinos, A, iterations, positivity=True):
-    b = np.ascontiguousarray(np.asarray(sinos, np.float32).reshape(len(sinos), -1).T)
-    row_sums = np.asarray(A.sum(axis=1), dtype=np.float32).ravel()
-    col_sums = np.asarray(A.sum(axis=0), dtype=np.float32).ravel()
-    inv_r = np.divide(1, row_sums, out=np.zeros_like(row_sums), where=row_sums > 0)[:, None]
-    inv_c = np.divide(1, col_sums, out=np.zeros_like(col_sums), where=col_sums > 0)[:, None]
-    AT = A.T.tocsr()
-    x = np.zeros((A.shape[1], b.shape[1]), dtype=np.float32)
-    for _ in range(iterations):
-        x += inv_c * (AT @ (inv_r * (b - A @ x)))
-        if positivity:
-            np.maximum(x, 0, out=x)
-    n = int(np.sqrt(A.shape[1]))
-    return np.ascontiguousarray(x.T).reshape(x.shape[1], n, n)
-
-
-def _fbp_before(sinograms, angles_deg, n=None, center=None, filter="ramlak"):
-    sinograms = np.asarray(sinograms, dtype=np.float32)
-    nz, n_angles, n_det = sinograms.shape
-    n = n_det if n is None else n
-    center = (n_det - 1) / 2 if center is None else float(center)
-    ramp, size = _ramp_filter(n_det, filter)
-    spectrum = np.fft.rfft(sinograms, n=size, axis=-1) * ramp
-    filtered = np.fft.irfft(spectrum, n=size, axis=-1)[..., :n_det].astype(np.float32)
-    coords = np.arange(n) - (n - 1) / 2
-    yy, xx = np.meshgrid(coords, coords, indexing="ij")
-    out = np.zeros((nz, n * n), dtype=np.float32)
-    flat = filtered.reshape(nz * n_angles, n_det)
-    for a, theta in enumerate(np.deg2rad(np.asarray(angles_deg, dtype=np.float64))):
-        t = (xx * np.cos(theta) + yy * np.sin(theta)).ravel() + center
-        i0 = np.floor(t).astype(np.int64)
-        w = (t - i0).astype(np.float32)
-        inside = (i0 >= 0) & (i0 + 1 < n_det)
-        i0c = np.clip(i0, 0, n_det - 2)
-        rows = flat[a::n_angles]
-        value = rows[:, i0c] * (1 - w) + rows[:, i0c + 1] * w
-        out += np.where(inside, value, 0)
-    return (out * np.float32(np.pi / n_angles)).reshape(nz, n, n)
-
-
-def test_shared_sirt_and_fbp_on_numpy_are_what_they_were(problem):
-    A, sinos = problem
-    assert np.array_equal(sirt(sinos, A, 5), _sirt_before(sinos, A, 5))
-    assert np.array_equal(sirt(sinos, A, 2, False), _sirt_before(sinos, A, 2, False))
-    angles = np.array(ANGLES)
-    assert np.array_equal(fbp(sinos, angles), _fbp_before(sinos, angles))
-    assert np.array_equal(
-        fbp(sinos, angles, n=48, center=25.0, filter="hann"),
-        _fbp_before(sinos, angles, n=48, center=25.0, filter="hann"),
-    )
 
 
 def test_unknown_backend_is_refused_naming_the_choices(problem):
