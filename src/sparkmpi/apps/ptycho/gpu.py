@@ -17,7 +17,7 @@ import numpy as np
 THREADS = 256
 MAX_BLOCKS = 4096
 
-SOURCE = r"""
+_KERNELS = r"""
 __device__ __forceinline__ float2 cmul(float2 a, float2 b) {
     return make_float2(a.x * b.x - a.y * b.y, a.x * b.y + a.y * b.x);
 }
@@ -77,12 +77,12 @@ __global__ void raar_prepare(float2* psi, const float2* w, const float2* probe,
 
 __global__ void modulus(float2* buf, const float* amp, long long total, float inv_n,
                         double* err) {
-    __shared__ double partial[256];
+    __shared__ double partial[THREADS];  /* blockDim.x == THREADS, a power of two */
     double local = 0.0;
     float scale2 = inv_n * inv_n;
     STACK_LOOP(e) {
         float2 z = buf[e];
-        float a = sqrtf(z.x * z.x + z.y * z.y) * inv_n;
+        float a = hypotf(z.x, z.y) * inv_n;  /* no underflow of tiny spectra, as numpy */
         float target = amp[e];
         float d = a - target;
         local += (double)(d * d);
@@ -169,6 +169,7 @@ __global__ void probe_sums(const float2* target, const float2* obj, const int* p
 }
 """
 
+SOURCE = f"#define THREADS {THREADS}\n{_KERNELS}"
 KERNELS = (
     "exit_waves",
     "dm_prepare",
