@@ -27,6 +27,12 @@ from sparkmpi.streaming.protocol import Frame, ScanEnd, encode
 FAST = StreamSettings(batch_interval=0.5, iterations_per_batch=5, final_iterations=40)
 
 
+def send_frames(sink, scan, scan_id: str, indices) -> None:
+    """Sends frames ``indices`` of ``scan`` through ``sink`` as fast as it takes them."""
+    for index in indices:
+        sink.send(Frame(scan_id, index, scan.intensities[index], time.time()))
+
+
 @pytest.fixture(scope="module")
 def broker():
     with TansuBroker() as running:
@@ -167,25 +173,32 @@ def test_driver_killed_mid_scan_resumes_and_uses_every_frame_once(broker, scan, 
                 command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
 
-    first = driver("first.log")
-    producer = threading.Thread(target=produce, args=(scan, url, 8.0, "restart-scan"))
-    producer.start()
-    state = out / "restart-scan" / "checkpoint" / "state.json"
-    deadline = time.monotonic() + 180
-    while not (state.exists() and len(json.loads(state.read_text())["used"]) >= 16):
-        assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
-        time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)  # the driver, its JVM and everything it started
-    first.wait(30)
-    used_before = len(json.loads(state.read_text())["used"])
-    assert used_before < 96
-    second = driver("second.log")
+    scan_id, half = "restart-scan", len(scan.intensities) // 2
+    sink, drivers = open_sink(url), []
     try:
+        drivers.append(first := driver("first.log"))
+        sink.send(scan_start(scan, scan_id))
+        send_frames(sink, scan, scan_id, range(half))  # the rest only once the driver is dead
+        sink.flush()  # the driver learns how far the scan got from the published progress
+        state = out / scan_id / "checkpoint" / "state.json"
+        deadline = time.monotonic() + 180
+        while not (state.exists() and len(json.loads(state.read_text())["used"]) >= 16):
+            assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.2)
+        os.killpg(first.pid, signal.SIGKILL)  # the driver, its JVM and everything it started
+        first.wait(30)
+        assert 16 <= len(json.loads(state.read_text())["used"]) <= half
+        drivers.append(second := driver("second.log"))
+        send_frames(sink, scan, scan_id, range(half, len(scan.intensities)))
+        sink.send(ScanEnd(scan_id, time.time()))
+        sink.flush()
         assert second.wait(240) == 0, (tmp_path / "second.log").read_text()[-3000:]
     finally:
-        if second.poll() is None:
-            os.killpg(second.pid, signal.SIGKILL)
-    producer.join(60)
+        sink.close()
+        for process in drivers:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(30)
     text = (tmp_path / "second.log").read_text()
     assert "resuming after batch" in text
     with h5py.File(out / "restart-scan" / "final.h5") as f:

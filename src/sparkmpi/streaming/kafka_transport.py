@@ -139,11 +139,15 @@ class KafkaSink:
         if self.delivered:
             self._control(Progress(self._scan_id, dict(self.delivered)))
 
-    def close(self) -> None:
-        """Flushes what is queued and publishes how far it got."""
+    def flush(self) -> None:
+        """Returns once what is queued is delivered and how far it got is published."""
         self.producer.flush(10)
         self._publish_progress()
         self.producer.flush(10)
+
+    def close(self) -> None:
+        """Flushes (:meth:`flush`); the sink holds nothing else to release."""
+        self.flush()
 
 
 @dataclass(frozen=True)
