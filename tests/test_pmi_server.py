@@ -89,16 +89,46 @@ def test_bad_clients_are_refused_while_a_job_runs(server):
     assert sorted(finish(running)) == ["0 2 3\n", "1 2 3\n"]
 
 
-def test_authenticated_garbage_and_unknown_commands_close_only_that_connection(server):
+def test_unknown_and_malformed_commands_get_an_error_and_the_connection_stays(server):
     job = server.create_job(2)
-    for rank, line in [(0, b"cmd=put key\n"), (1, b"cmd=spawn nprocs=2\n")]:
+    for rank, line in [(0, b"cmd=put key\n"), (1, b"cmd=frobnicate nprocs=2\n")]:
         sock = connect_rank(server.address, job.job_id, job.secret, rank, "h")
+        replies = sock.makefile("rb")
         sock.sendall(line)
-        reply = sock.makefile("rb").readline()
-        assert b"rc=-1" in reply
-        assert sock.recv(10) == b""
+        assert b"rc=-1" in replies.readline()
+        sock.sendall(b"cmd=get_maxes\n")
+        assert replies.readline().startswith(b"cmd=maxes rc=0")
         sock.close()
     assert sorted(finish(start_ranks(server, 2, ALLREDUCE))) == ["0 2 3\n", "1 2 3\n"]
+
+
+def test_unparseable_lines_close_only_that_connection(server):
+    job = server.create_job(2)
+    sock = connect_rank(server.address, job.job_id, job.secret, 0, "h")
+    sock.sendall(b"not a pmi line\n")
+    assert b"rc=-1" in sock.makefile("rb").readline()
+    assert sock.recv(10) == b""
+    sock.close()
+    assert sorted(finish(start_ranks(server, 2, ALLREDUCE))) == ["0 2 3\n", "1 2 3\n"]
+
+
+SPAWN = (
+    "import sys; from mpi4py import MPI; c = MPI.COMM_WORLD\n"
+    "if c.rank == 0:\n"
+    "    try:\n"
+    "        MPI.COMM_SELF.Spawn(sys.executable, ['-c', 'pass'], maxprocs=1)\n"
+    "    except MPI.Exception as exc:\n"
+    "        print('spawn refused', exc.Get_error_class() != MPI.SUCCESS)\n"
+    "print(c.rank, c.allreduce(c.rank + 1))\n"
+)
+
+
+def test_mpi_comm_spawn_fails_with_an_mpi_error_not_a_crash(server):
+    """MPICH's ``mcmd=spawn`` block is read whole and refused; the rank goes on. (Intel MPI
+    2021 crashes inside ``MPI_Comm_spawn`` before it sends anything to the PMI server.)"""
+    outs = finish(start_ranks(server, 2, SPAWN))
+    assert outs[0].splitlines() == ["spawn refused True", "0 3"]
+    assert outs[1].splitlines() == ["1 3"]
 
 
 def test_connect_rank_reports_refusal(server):

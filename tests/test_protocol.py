@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sparkmpi.pmi import PMIJob, PMIProtocolError, format_command, parse_command
-from sparkmpi.pmi.protocol import abort_message
+from sparkmpi.pmi.protocol import abort_message, parse_mcmd
 
 TRANSCRIPTS = sorted((Path(__file__).parent / "transcripts").glob("*.txt"))
 
@@ -88,18 +88,43 @@ def test_mapping_waits_until_every_rank_said_where_it_runs():
     ]
 
 
-def test_unknown_command_gets_error_and_close():
+def test_unknown_command_gets_an_error_and_the_connection_stays():
     job = PMIJob(job_id="j", size=1, secret="s")
     job.admit(0, "a")
     (reply,) = job.handle(0, parse_command("cmd=frobnicate x=1"), {})
-    assert reply.close and "rc=-1" in reply.line
+    assert not reply.close and "rc=-1" in reply.line
 
 
 def test_wrong_kvsname_is_refused():
     job = PMIJob(job_id="j", size=1, secret="s")
     job.admit(0, "a")
     (reply,) = job.handle(0, parse_command("cmd=put kvsname=other key=k value=v"), {})
-    assert reply.close and reply.line.startswith("cmd=put_result rc=-1")
+    assert not reply.close and reply.line.startswith("cmd=put_result rc=-1")
+
+
+def test_spawn_blocks_are_answered_once_after_the_last():
+    job = PMIJob(job_id="j", size=1, secret="s")
+    job.admit(0, "a")
+    block = ["mcmd=spawn", "nprocs=1", "execname=/bin/true", "argcnt=1", "arg1=a b=c"]
+    first = parse_mcmd([*block, "totspawns=2", "spawnssofar=1", "endcmd"])
+    assert first.get("arg1") == "a b=c"
+    assert job.handle(0, first, {}) == []
+    (reply,) = job.handle(0, parse_mcmd([*block, "totspawns=2", "spawnssofar=2", "endcmd"]), {})
+    assert reply.line.startswith("cmd=spawn_result rc=-1 msg=MPI_Comm_spawn") and not reply.close
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        ["mcmd=spawn", "nprocs=1"],  # no endcmd
+        ["cmd=spawn", "endcmd"],
+        ["mcmd=spawn", "no equals sign", "endcmd"],
+        ["mcmd=spawn", *(f"arg{i}=x" for i in range(600)), "endcmd"],
+    ],
+)
+def test_malformed_mcmd_blocks_are_refused(lines):
+    with pytest.raises(PMIProtocolError):
+        parse_mcmd(lines)
 
 
 def test_name_publishing():

@@ -25,6 +25,10 @@ from sparkmpi.pmi.protocol import (
 MAPPING_KEY = "PMI_process_mapping"
 
 
+SPAWN_COMMANDS_MAX = 64
+SPAWN_UNSUPPORTED = "MPI_Comm_spawn_is_not_supported_by_spark-mpi_yet:_start_all_ranks_at_once"
+
+
 class JobRefused(Exception):
     """A connection that may not join this job (wrong rank, rank taken, job over)."""
 
@@ -100,15 +104,16 @@ class PMIJob:
     def handle(self, rank: int, command: PMICommand, names: dict[str, str]) -> list[Reply]:
         """The replies ``command`` from ``rank`` causes; ``names`` is the server's name service.
 
-        Unknown commands and malformed arguments get an error reply that closes the connection.
+        Unknown commands and malformed arguments get an error reply (``rc=-1``); the rank's
+        connection stays open, so its MPI library reports an error instead of crashing.
         """
         handler = getattr(self, f"_cmd_{command.cmd}", None)
         if handler is None:
-            return [Reply(rank, error_reply(command.cmd, f"unknown_command_{command.cmd}"), True)]
+            return [Reply(rank, error_reply(command.cmd, f"unknown_command_{command.cmd}"))]
         try:
             return handler(rank, command, names)
         except PMIProtocolError as exc:
-            return [Reply(rank, error_reply(command.cmd, str(exc).replace(" ", "_")), True)]
+            return [Reply(rank, error_reply(command.cmd, str(exc).replace(" ", "_")))]
 
     def _one(self, rank: int, cmd: str, **kwargs: object) -> list[Reply]:
         return [Reply(rank, format_command(cmd, rc=0, **kwargs))]
@@ -202,6 +207,17 @@ class PMIJob:
         if names.pop(c.require("service"), None) is None:
             return [Reply(rank, format_command("unpublish_result", rc=-1, msg="name_not_found"))]
         return self._one(rank, "unpublish_result")
+
+    def _cmd_spawn(self, rank: int, c: PMICommand, names: dict[str, str]) -> list[Reply]:
+        """``MPI_Comm_spawn[_multiple]``: MPICH sends one ``mcmd=spawn`` block per command and
+        reads one reply after the last. Refused (rc=-1) until spawn is implemented, so the
+        rank's ``MPI_Comm_spawn`` fails with an MPI error instead of the job crashing."""
+        total, so_far = c.require_int("totspawns"), c.require_int("spawnssofar")
+        if not 1 <= so_far <= total <= SPAWN_COMMANDS_MAX:
+            raise PMIProtocolError(f"spawn block {so_far} of {total} is out of range")
+        if so_far < total:
+            return []
+        return [Reply(rank, error_reply("spawn", SPAWN_UNSUPPORTED))]
 
     def _cmd_lookup_name(self, rank: int, c: PMICommand, names: dict[str, str]) -> list[Reply]:
         port = names.get(c.require("service"))

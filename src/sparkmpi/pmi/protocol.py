@@ -129,6 +129,35 @@ def parse_command(line: str | bytes) -> PMICommand:
     return PMICommand(cmd=cmd, args=args, raw=text)
 
 
+MCMD_MAX_LINES = 512
+"""Most attribute lines in one ``mcmd=`` block (a spawn's argv, info and preput pairs)."""
+MCMD_END = "endcmd"
+
+
+def parse_mcmd(lines: list[str]) -> PMICommand:
+    """Parses one PMI-1 multi-line command: ``mcmd=NAME``, then ``key=value`` lines (the value
+    is the rest of the line, spaces and ``=`` included), then ``endcmd``, as MPICH sends
+    ``mcmd=spawn``. Raises :class:`PMIProtocolError` for a block that is not one."""
+    if not lines or not lines[0].startswith("mcmd="):
+        raise PMIProtocolError("a multi-line command starts with 'mcmd='")
+    if lines[-1] != MCMD_END:
+        raise PMIProtocolError(f"a multi-line command ends with {MCMD_END!r}")
+    if len(lines) > MCMD_MAX_LINES + 2:
+        raise PMIProtocolError(f"more than {MCMD_MAX_LINES} lines in one mcmd block")
+    cmd = lines[0][len("mcmd=") :]
+    if not _KEY.fullmatch(cmd):
+        raise PMIProtocolError(f"invalid command name {cmd!r}")
+    args: dict[str, str | None] = {}
+    for line in lines[1:-1]:
+        key, sep, value = line.partition("=")
+        if not sep or not _KEY.fullmatch(key):
+            raise PMIProtocolError(f"expected key=value in mcmd={cmd}, got {line[:40]!r}")
+        if "\0" in value:
+            raise PMIProtocolError("NUL in a PMI value")
+        args[key] = value
+    return PMICommand(cmd=cmd, args=args, raw="\n".join(lines))
+
+
 def format_command(cmd: str, *args: tuple[str, object] | str, **kwargs: object) -> str:
     """One PMI-1 line, newline included: ``cmd=NAME k=v ...``, values escaped.
 
@@ -178,6 +207,7 @@ _REPLIES = {
     "unpublish_name": "unpublish_result",
     "lookup_name": "lookup_result",
     "auth": "auth_result",
+    "spawn": "spawn_result",
 }
 
 

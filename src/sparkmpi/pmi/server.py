@@ -22,9 +22,12 @@ from sparkmpi.pmi.job import AbortRequest, JobRefused, PMIJob, Reply
 from sparkmpi.pmi.listener import GuardedListener, ListenerLimits
 from sparkmpi.pmi.protocol import (
     MAX_LINE,
+    MCMD_END,
+    MCMD_MAX_LINES,
     PMIProtocolError,
     error_reply,
     parse_command,
+    parse_mcmd,
 )
 
 log = logging.getLogger(__name__)
@@ -164,7 +167,27 @@ class PMIServer:
             return None
         if not line.endswith(b"\n"):
             raise PMIProtocolError("connection ended inside a line")
+        if line.startswith(b"mcmd="):
+            return await self._read_mcmd(reader, line)
         return parse_command(line)
+
+    async def _read_mcmd(self, reader: asyncio.StreamReader, first: bytes):
+        """The rest of a multi-line ``mcmd=`` block, parsed; at most MCMD_MAX_LINES lines."""
+        lines = [first]
+        end = MCMD_END.encode()
+        while lines[-1].rstrip(b"\r\n") != end and len(lines) <= MCMD_MAX_LINES + 1:
+            try:
+                line = await reader.readline()
+            except (asyncio.LimitOverrunError, ValueError):
+                raise PMIProtocolError(f"line longer than {MAX_LINE} bytes") from None
+            if not line.endswith(b"\n"):
+                raise PMIProtocolError("connection ended inside an mcmd block")
+            lines.append(line)
+        try:
+            text = [line.decode("utf-8").rstrip("\n").rstrip("\r") for line in lines]
+        except UnicodeDecodeError:
+            raise PMIProtocolError("mcmd block is not UTF-8 text") from None
+        return parse_mcmd(text)
 
     async def _refuse(self, writer: asyncio.StreamWriter, cmd: str, why: str) -> None:
         self._thread.refuse(writer, why, "protocol error")
