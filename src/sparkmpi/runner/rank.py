@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import traceback
+import types
 
 from sparkmpi.runner.frames import Kind, decode, recv, recv_parts, send
 
@@ -92,12 +93,19 @@ def _run_script(path: str, source: str, argv: list[str]) -> None:
     sys.argv = [path, *argv]
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     code = compile(source, path, "exec")
-    namespace = {"__name__": "__main__", "__file__": path, "__builtins__": builtins}
+    # the script is __main__, as under mpiexec, so its functions pickle by reference between
+    # ranks (mpi4py.futures, comm.send of a function)
+    script = types.ModuleType("__main__")
+    script.__dict__.update(__file__=path, __builtins__=builtins)
+    launcher, sys.modules["__main__"] = sys.modules.get("__main__"), script
     try:
-        exec(code, namespace)
+        exec(code, script.__dict__)
     except SystemExit as exc:
         if exc.code not in (None, 0):
             raise RuntimeError(f"{path} exited with status {exc.code}") from None
+    finally:
+        if launcher is not None:
+            sys.modules["__main__"] = launcher
 
 
 def _report(chan: socket.socket, rank: int, exc: BaseException) -> None:
