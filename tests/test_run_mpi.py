@@ -165,3 +165,20 @@ def test_bad_rank_counts_are_refused(spark, ranks):
 def test_non_callable_is_refused(spark):
     with pytest.raises(TypeError, match="must be callable"):
         run_mpi(spark, "not a function", ranks=1)
+
+
+def squares_on_workers(comm, rows):
+    import os
+
+    from mpi4py.futures import MPICommExecutor
+
+    with MPICommExecutor(comm, root=0) as executor:
+        if executor is not None:
+            squares = list(executor.map(pow, range(6), [2] * 6))
+            yield squares, executor.submit(os.getpid).result() != os.getpid()
+
+
+def test_mpi4py_futures_comm_executor_on_the_job_ranks(spark):
+    """Tasks pickled by reference (builtins here; a script's own functions in the examples
+    test) run on the other rank."""
+    assert run_mpi(spark, squares_on_workers, ranks=2).collect() == [([0, 1, 4, 9, 16, 25], True)]
