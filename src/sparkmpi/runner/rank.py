@@ -101,8 +101,10 @@ def _run_script(path: str, source: str, argv: list[str]) -> None:
     try:
         exec(code, script.__dict__)
     except SystemExit as exc:
-        if exc.code not in (None, 0):
-            raise RuntimeError(f"{path} exited with status {exc.code}") from None
+        if exc.code not in (None, 0):  # as Python's own exit: True is 1, a message is 1
+            status = int(exc.code) if isinstance(exc.code, int) else 1
+            said = f": {exc.code}" if not isinstance(exc.code, int) else ""
+            raise RuntimeError(f"{path} exited with status {status}{said}") from None
     finally:
         if launcher is not None:
             sys.modules["__main__"] = launcher
