@@ -55,9 +55,13 @@ def _alive(pid: int) -> bool:
     """True if ``pid`` is still one of the Spark daemons we started (not a reused PID)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
-    return b"org.apache.spark.deploy" in cmdline or b"spark-class" in cmdline
+    if state in ("Z", "X"):
+        return False
+    # empty while spark-class execs java: still ours, not dead (seen as a false "master died")
+    return not cmdline or b"org.apache.spark.deploy" in cmdline or b"spark-class" in cmdline
 
 
 class StandaloneCluster:
