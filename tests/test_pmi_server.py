@@ -123,9 +123,9 @@ SPAWN = (
 )
 
 
-def test_mpi_comm_spawn_fails_with_an_mpi_error_not_a_crash(server):
-    """MPICH's ``mcmd=spawn`` block is read whole and refused; the rank goes on. (Intel MPI
-    2021 crashes inside ``MPI_Comm_spawn`` before it sends anything to the PMI server.)"""
+def test_mpi_comm_spawn_without_a_launcher_fails_with_an_mpi_error_not_a_crash(server):
+    """A job created without ``on_spawn`` reads MPICH's ``mcmd=spawn`` block whole and
+    refuses it; the rank goes on."""
     outs = finish(start_ranks(server, 2, SPAWN))
     assert outs[0].splitlines() == ["spawn refused True", "0 3"]
     assert outs[1].splitlines() == ["1 3"]

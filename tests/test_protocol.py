@@ -102,15 +102,39 @@ def test_wrong_kvsname_is_refused():
     assert not reply.close and reply.line.startswith("cmd=put_result rc=-1")
 
 
-def test_spawn_blocks_are_answered_once_after_the_last():
+def test_spawn_blocks_make_one_request_after_the_last():
     job = PMIJob(job_id="j", size=1, secret="s")
     job.admit(0, "a")
-    block = ["mcmd=spawn", "nprocs=1", "execname=/bin/true", "argcnt=1", "arg1=a b=c"]
-    first = parse_mcmd([*block, "totspawns=2", "spawnssofar=1", "endcmd"])
+    block = ["mcmd=spawn", "nprocs=2", "execname=/bin/true", "argcnt=1", "arg1=a b=c"]
+    preput = ["preput_num=1", "preput_key_0=PARENT_ROOT_PORT_NAME", "preput_val_0=tag#0$"]
+    info = ["info_num=1", "info_key_0=wdir", "info_val_0=/tmp"]
+    first = parse_mcmd([*block, "totspawns=2", "spawnssofar=1", *preput, *info, "endcmd"])
     assert first.get("arg1") == "a b=c"
-    assert job.handle(0, first, {}) == []
-    (reply,) = job.handle(0, parse_mcmd([*block, "totspawns=2", "spawnssofar=2", "endcmd"]), {})
-    assert reply.line.startswith("cmd=spawn_result rc=-1 msg=MPI_Comm_spawn") and not reply.close
+    assert job.handle(0, first, {}) == [] and job.spawns == []
+    last = parse_mcmd([*block, "totspawns=2", "spawnssofar=2", "info_num=0", "endcmd"])
+    assert job.handle(0, last, {}) == []
+    ((rank, request),) = job.spawns
+    assert rank == 0 and request.size == 4 and request.appnums() == [0, 0, 1, 1]
+    assert request.preput == {"PARENT_ROOT_PORT_NAME": "tag#0$"}
+    assert request.commands[0].argv == ("a b=c",)
+    assert request.commands[0].info_value("wdir") == "/tmp"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ["nprocs=1", "totspawns=1", "spawnssofar=2"],  # block beyond the total
+        ["nprocs=0", "totspawns=1", "spawnssofar=1"],
+        ["nprocs=1", "totspawns=1", "spawnssofar=1", "argcnt=2", "arg1=x"],  # arg2 missing
+        ["nprocs=100000", "totspawns=1", "spawnssofar=1"],
+    ],
+)
+def test_bad_spawn_blocks_get_an_error_reply_and_the_connection_stays(fields):
+    job = PMIJob(job_id="j", size=1, secret="s")
+    job.admit(0, "a")
+    (reply,) = job.handle(0, parse_mcmd(["mcmd=spawn", "execname=x", *fields, "endcmd"]), {})
+    assert reply.line.startswith("cmd=spawn_result rc=-1") and not reply.close
+    assert job.spawns == []
 
 
 @pytest.mark.parametrize(

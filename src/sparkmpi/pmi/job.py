@@ -21,12 +21,12 @@ from sparkmpi.pmi.protocol import (
     error_reply,
     format_command,
 )
+from sparkmpi.pmi.spawn import SpawnCollector, SpawnRequest
 
 MAPPING_KEY = "PMI_process_mapping"
 
 
-SPAWN_COMMANDS_MAX = 64
-SPAWN_UNSUPPORTED = "MPI_Comm_spawn_is_not_supported_by_spark-mpi_yet:_start_all_ranks_at_once"
+SPAWN_UNSUPPORTED = "MPI_Comm_spawn_is_not_available_here:_start_all_ranks_at_once"
 
 
 class JobRefused(Exception):
@@ -64,6 +64,9 @@ class PMIJob:
     finalized: set[int] = field(default_factory=set)
     abort: AbortRequest | None = None
     closed: bool = False
+    appnums: list[int] | None = None
+    spawns: list[tuple[int, SpawnRequest]] = field(default_factory=list)
+    _collectors: dict[int, SpawnCollector] = field(default_factory=dict)
     _barrier: set[int] = field(default_factory=set)
     _waiting_for_mapping: list[int] = field(default_factory=list)
 
@@ -140,7 +143,7 @@ class PMIJob:
         )
 
     def _cmd_get_appnum(self, rank: int, c: PMICommand, names: dict[str, str]) -> list[Reply]:
-        return self._one(rank, "appnum", appnum=0)
+        return self._one(rank, "appnum", appnum=self.appnums[rank] if self.appnums else 0)
 
     def _cmd_get_my_kvsname(self, rank: int, c: PMICommand, names: dict[str, str]) -> list[Reply]:
         return self._one(rank, "my_kvsname", kvsname=self.kvsname)
@@ -210,14 +213,12 @@ class PMIJob:
 
     def _cmd_spawn(self, rank: int, c: PMICommand, names: dict[str, str]) -> list[Reply]:
         """``MPI_Comm_spawn[_multiple]``: MPICH sends one ``mcmd=spawn`` block per command and
-        reads one reply after the last. Refused (rc=-1) until spawn is implemented, so the
-        rank's ``MPI_Comm_spawn`` fails with an MPI error instead of the job crashing."""
-        total, so_far = c.require_int("totspawns"), c.require_int("spawnssofar")
-        if not 1 <= so_far <= total <= SPAWN_COMMANDS_MAX:
-            raise PMIProtocolError(f"spawn block {so_far} of {total} is out of range")
-        if so_far < total:
-            return []
-        return [Reply(rank, error_reply("spawn", SPAWN_UNSUPPORTED))]
+        reads one reply after the last. The finished request is queued in :attr:`spawns` for
+        the transport, which answers once the children are started (or could not be)."""
+        request = self._collectors.setdefault(rank, SpawnCollector()).add(c)
+        if request is not None:
+            self.spawns.append((rank, request))
+        return []
 
     def _cmd_lookup_name(self, rank: int, c: PMICommand, names: dict[str, str]) -> list[Reply]:
         port = names.get(c.require("service"))

@@ -134,10 +134,19 @@ MCMD_MAX_LINES = 512
 MCMD_END = "endcmd"
 
 
+_SPAWN_KEY = re.compile(
+    r"(nprocs|execname|totspawns|spawnssofar|argcnt|arg\d+|preput_num|preput_(key|val)_\d+"
+    r"|info_num|info_(key|val)_\d+)="
+)
+
+
 def parse_mcmd(lines: list[str]) -> PMICommand:
     """Parses one PMI-1 multi-line command: ``mcmd=NAME``, then ``key=value`` lines (the value
     is the rest of the line, spaces and ``=`` included), then ``endcmd``, as MPICH sends
-    ``mcmd=spawn``. Raises :class:`PMIProtocolError` for a block that is not one."""
+    ``mcmd=spawn``. MPICH writes a spawn argument as it is, so a line of a ``spawn`` block
+    that does not start with one of its keys continues the value before it (an argument with
+    newlines, as ``python -c`` code has). Raises :class:`PMIProtocolError` for a block that
+    is not one."""
     if not lines or not lines[0].startswith("mcmd="):
         raise PMIProtocolError("a multi-line command starts with 'mcmd='")
     if lines[-1] != MCMD_END:
@@ -148,13 +157,18 @@ def parse_mcmd(lines: list[str]) -> PMICommand:
     if not _KEY.fullmatch(cmd):
         raise PMIProtocolError(f"invalid command name {cmd!r}")
     args: dict[str, str | None] = {}
+    last = None
     for line in lines[1:-1]:
+        if "\0" in line:
+            raise PMIProtocolError("NUL in a PMI value")
+        if cmd == "spawn" and last is not None and not _SPAWN_KEY.match(line):
+            args[last] = f"{args[last]}\n{line}"
+            continue
         key, sep, value = line.partition("=")
         if not sep or not _KEY.fullmatch(key):
             raise PMIProtocolError(f"expected key=value in mcmd={cmd}, got {line[:40]!r}")
-        if "\0" in value:
-            raise PMIProtocolError("NUL in a PMI value")
         args[key] = value
+        last = key
     return PMICommand(cmd=cmd, args=args, raw="\n".join(lines))
 
 

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 
 from sparkmpi.pmi.auth import PMI_PURPOSE, acceptance_line, authenticate_peer, refusal_line
-from sparkmpi.pmi.job import AbortRequest, JobRefused, PMIJob, Reply
+from sparkmpi.pmi.job import SPAWN_UNSUPPORTED, AbortRequest, JobRefused, PMIJob, Reply
 from sparkmpi.pmi.listener import GuardedListener, ListenerLimits
 from sparkmpi.pmi.protocol import (
     MAX_LINE,
@@ -26,14 +26,19 @@ from sparkmpi.pmi.protocol import (
     MCMD_MAX_LINES,
     PMIProtocolError,
     error_reply,
+    format_command,
     parse_command,
     parse_mcmd,
 )
+from sparkmpi.pmi.spawn import SpawnRequest
 
 log = logging.getLogger(__name__)
 
 AbortCallback = Callable[[str, AbortRequest], None]
 LostCallback = Callable[[str, int], None]
+SpawnAnswer = Callable[[str | None], None]
+"""Answers a rank's spawn: None once the children are started, else why they are not."""
+SpawnCallback = Callable[[str, int, SpawnRequest, SpawnAnswer], None]
 
 
 class PMIServer:
@@ -57,6 +62,7 @@ class PMIServer:
         self._jobs: dict[str, PMIJob] = {}
         self._on_abort: dict[str, AbortCallback] = {}
         self._on_lost: dict[str, LostCallback] = {}
+        self._on_spawn: dict[str, SpawnCallback] = {}
         self._writers: dict[str, dict[int, asyncio.StreamWriter]] = {}
         self._lock = threading.Lock()
         self._thread = GuardedListener(
@@ -107,14 +113,26 @@ class PMIServer:
         *,
         on_abort: AbortCallback | None = None,
         on_lost: LostCallback | None = None,
+        on_spawn: SpawnCallback | None = None,
+        preput: dict[str, str] | None = None,
+        appnums: list[int] | None = None,
     ) -> PMIJob:
         """A new job of ``size`` ranks with its own kvsname and a fresh secret.
 
         ``on_abort(job_id, request)`` runs when a rank calls ``PMI_Abort``; ``on_lost(job_id,
-        rank)`` when a rank's connection ends before it finalized. Both run on the server
-        thread and must not block.
+        rank)`` when a rank's connection ends before it finalized; ``on_spawn(job_id, rank,
+        request, answer)`` when a rank calls ``MPI_Comm_spawn`` (without it the spawn is
+        refused with an error); the rank gets its reply when ``answer`` is called, from any
+        thread. All run on the server thread and must not block. ``preput`` fills the KVS
+        before any rank joins and ``appnums`` gives each rank's ``MPI_APPNUM`` (spawned jobs).
         """
-        job = PMIJob(job_id=secrets.token_hex(6), size=size, secret=secrets.token_hex(16))
+        job = PMIJob(
+            job_id=secrets.token_hex(6),
+            size=size,
+            secret=secrets.token_hex(16),
+            kvs=dict(preput or {}),
+            appnums=appnums,
+        )
         with self._lock:
             self._jobs[job.job_id] = job
             self._writers[job.job_id] = {}
@@ -122,6 +140,8 @@ class PMIServer:
                 self._on_abort[job.job_id] = on_abort
             if on_lost:
                 self._on_lost[job.job_id] = on_lost
+            if on_spawn:
+                self._on_spawn[job.job_id] = on_spawn
         return job
 
     def close_job(self, job_id: str) -> None:
@@ -134,6 +154,7 @@ class PMIServer:
             writers = self._writers.pop(job_id, {})
             self._on_abort.pop(job_id, None)
             self._on_lost.pop(job_id, None)
+            self._on_spawn.pop(job_id, None)
         if job is not None:
             job.closed = True
         for writer in writers.values():
@@ -223,11 +244,35 @@ class PMIServer:
                 callback = self._on_abort.get(job.job_id)
                 if callback:
                     callback(job.job_id, job.abort)
+            while job.spawns:
+                self._spawn(job, *job.spawns.pop(0))
             if any(r.close for r in replies):
                 self._thread.refuse(writer, f"rank {rank} sent a bad {command.cmd}", "bad command")
             await self._deliver(job, replies)
             if any(r.close and r.rank == rank for r in replies):
                 return
+
+    def _spawn(self, job: PMIJob, rank: int, request: SpawnRequest) -> None:
+        loop = asyncio.get_running_loop()
+
+        def answer(error: str | None) -> None:
+            line = (
+                format_command("spawn_result", rc=0)
+                if error is None
+                else error_reply("spawn", error.replace(" ", "_"))
+            )
+            reply = Reply(rank, line)
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._deliver(job, [reply])))
+
+        callback = self._on_spawn.get(job.job_id)
+        if callback is None:
+            answer(SPAWN_UNSUPPORTED)
+            return
+        try:
+            callback(job.job_id, rank, request, answer)
+        except Exception as exc:  # the rank must get an answer whatever the launcher did
+            log.exception("spawn callback failed")
+            answer(f"spawn failed: {exc}")
 
     async def _deliver(self, job: PMIJob, replies: list[Reply]) -> None:
         writers = self._writers.get(job.job_id, {})
