@@ -38,6 +38,8 @@ class Kind(IntEnum):
     ABORT = 11  # driver -> task: kill your rank, the job has failed
     FINISHED = 12  # task -> driver: rank exited cleanly
     RESOURCES = 13  # task -> driver: its Spark-assigned resources ({"gpu": [addresses]})
+    SPAWN = 14  # driver -> task: start the processes a rank's MPI_Comm_spawn asked for
+    SPAWNED = 15  # task -> driver: {"id": spawn id, "error": None or why they did not start}
 
 
 @dataclass

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from sparkmpi.pmi import AbortRequest, ListenerLimits, PMIJob, PMIServer
 from sparkmpi.pmi.auth import CONTROL_PURPOSE, acceptance_line, authenticate_peer, refusal_line
 from sparkmpi.pmi.listener import GuardedListener
+from sparkmpi.pmi.spawn import SpawnRequest
 from sparkmpi.runner.frames import Kind, Parts, decode, encode, read_parts, write_parts
 from sparkmpi.runner.resources import shared_gpus, sharing_warning
 
@@ -50,6 +51,8 @@ class JobState:
     links: dict[int, asyncio.StreamWriter] = field(default_factory=dict)
     hosts: dict[int, str] = field(default_factory=dict)
     gpus: dict[int, list[str]] = field(default_factory=dict)
+    spawned_jobs: list[str] = field(default_factory=list)
+    spawn_answers: dict[int, Callable[[str | None], None]] = field(default_factory=dict)
     closed: bool = False
     changed: threading.Event = field(default_factory=threading.Event)
 
@@ -127,15 +130,69 @@ class DriverHub:
                 },
             )
 
-        pmi_job = self.pmi.create_job(size, on_abort=on_abort)
+        def on_spawn(job_id: str, rank: int, request: SpawnRequest, answer) -> None:
+            self._spawn(holder["job"], rank, request, answer)
+
+        pmi_job = self.pmi.create_job(size, on_abort=on_abort, on_spawn=on_spawn)
         job = holder["job"] = JobState(pmi=pmi_job, output=output)
         self.jobs[job.job_id] = job
         return job
+
+    def _spawn(self, job: JobState, rank: int, request: SpawnRequest, answer) -> None:
+        """A new PMI job for what rank ``rank`` spawns; its task is told to start the processes
+        beside the rank and answers over its control link (:meth:`_on_spawned`)."""
+
+        def on_child_abort(child_id: str, request: AbortRequest) -> None:
+            message = request.message or "no message"
+            reason = (
+                f"process {request.rank} it spawned called MPI_Abort with exit code "
+                f"{request.exitcode}: {message}"
+            )
+            self.fail(job, {"rank": rank, "reason": reason})
+
+        child = self.pmi.create_job(
+            request.size,
+            on_abort=on_child_abort,
+            preput=request.preput,
+            appnums=request.appnums(),
+        )
+        frame = {
+            "job_id": child.job_id,
+            "secret": child.secret,
+            "size": child.size,
+            "commands": [
+                {"execname": c.execname, "nprocs": c.nprocs, "argv": c.argv, "info": c.info}
+                for c in request.commands
+            ],
+        }
+
+        def send() -> None:
+            writer = job.links.get(rank)
+            if job.failed.is_set() or job.closed or writer is None or writer.is_closing():
+                answer("the job is ending")
+                self.pmi.close_job(child.job_id)
+                return
+            job.spawned_jobs.append(child.job_id)
+            frame["id"] = spawn_id = len(job.spawned_jobs)
+            job.spawn_answers[spawn_id] = answer
+            self._send(writer, Kind.SPAWN, frame)
+
+        self._call(send)
+
+    def _on_spawned(self, job: JobState, reply: object) -> None:
+        if not isinstance(reply, dict):
+            return
+        answer = job.spawn_answers.pop(reply.get("id"), None)  # type: ignore[arg-type]
+        if answer is not None:
+            error = reply.get("error")
+            answer(None if error is None else str(error))
 
     def close_job(self, job: JobState) -> None:
         """Forgets ``job``: its PMI space and control links are closed."""
         job.closed = True
         self.pmi.close_job(job.job_id)
+        for child_id in job.spawned_jobs:
+            self.pmi.close_job(child_id)
 
         def close() -> None:
             for writer in job.links.values():
@@ -246,6 +303,8 @@ class DriverHub:
                 job.results_done.set()
         elif kind is Kind.RESOURCES:
             self._on_gpus(job, rank, decode(parts))
+        elif kind is Kind.SPAWNED:
+            self._on_spawned(job, decode(parts))
 
     def _on_gpus(self, job: JobState, rank: int, resources: object) -> None:
         """Records rank ``rank``'s GPU addresses; once every rank's are in, prints one warning

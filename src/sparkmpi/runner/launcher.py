@@ -29,6 +29,7 @@ from sparkmpi.runner.proctree import become_subreaper, children_now, kill_tree
 from sparkmpi.runner.resources import gpu_env, task_gpus
 from sparkmpi.runner.runtime import get_runtime
 from sparkmpi.runner.spare import request_spare, spares_paused, take_spare
+from sparkmpi.runner.spawned import SpawnedProcesses, SpawnRefused, child_env
 
 RANK_MODULE = "sparkmpi.runner.rank"
 ROWS_PER_FRAME = 256
@@ -40,7 +41,6 @@ ADDRESS_HINT = (
     "the executors must reach the driver there; set --pmi-host or spark.sparkmpi.pmi.host "
     "to an address of the driver that they can reach"
 )
-_PMI_VARIABLES = ("PMI_PORT", "PMI_ID", "PMI_FD", "PMI_RANK", "PMI_SIZE", "PMI_DEBUG")
 
 
 class RankFailed(RuntimeError):
@@ -77,12 +77,9 @@ def barrier_task(spec: TaskSpec, rows: Iterable) -> Iterator:
     if ctx.attemptNumber() > 0:
         raise RankFailed(f"rank {rank}: MPI job {spec.job_id} is not retried after a failure")
     runtime = get_runtime(spec.runtime)
-    single_host = True
-    if runtime.needs_hosts:
-        single_host = len(set(ctx.allGather(socket.gethostname()))) == 1
     gpus = task_gpus(ctx)
     env = gpu_env(gpus, spec.env)
-    runtime_env = runtime.rank_env(single_host)
+    runtime_env = runtime.rank_env()
     return iter(launch_rank(spec, rank, rows, {**runtime_env, **env}, runtime_env, gpus))
 
 
@@ -152,25 +149,23 @@ def launch_rank(
     become_subreaper()
     existed_before = children_now()
     ours, theirs = socket.socketpair()
-    child_env = {k: v for k, v in os.environ.items() if k not in _PMI_VARIABLES}
-    child_env.update(env)
-    child_env.update(
+    rank_env = child_env(env)
+    rank_env.update(
         PMI_FD=str(pmi_sock.fileno()),
         PMI_RANK=str(rank),
         PMI_SIZE=str(spec.size),
         SPARKMPI_CHANNEL_FD=str(theirs.fileno()),
         SPARKMPI_PARENT_PID=str(os.getpid()),
         SPARKMPI_JOB_ID=spec.job_id,
-        PYTHONUNBUFFERED="1",
     )
     fds = (pmi_sock.fileno(), theirs.fileno())
     command = [sys.executable, "-m", RANK_MODULE]
     try:
-        proc = take_spare(child_env, fds) if spec.prestart else None
+        proc = take_spare(rank_env, fds) if spec.prestart else None
         if proc is None:
             proc = subprocess.Popen(
                 command,
-                env=child_env,
+                env=rank_env,
                 pass_fds=fds,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -185,7 +180,9 @@ def launch_rank(
         pmi_sock.close()
         theirs.close()
     try:
-        return RankSupervisor(spec, rank, host, proc, ours, control, existed_before).run(rows)
+        supervisor = RankSupervisor(spec, rank, host, proc, ours, control, existed_before)
+        supervisor.spawned = SpawnedProcesses(env, supervisor.relay_spawned, supervisor.sel)
+        return supervisor.run(rows)
     finally:
         if spec.prestart:
             request_spare(command, runtime_env)
@@ -207,6 +204,8 @@ class RankSupervisor:
         self.feed_error: BaseException | None = None
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self.partial = {"stdout": b"", "stderr": b""}
+        self.spawned: SpawnedProcesses | None = None
+        self.sel: selectors.BaseSelector = selectors.DefaultSelector()
 
     def to_driver(self, kind: Kind, obj: object = None, parts: Parts | None = None) -> None:
         with self.control_lock, contextlib.suppress(OSError):
@@ -217,6 +216,27 @@ class RankSupervisor:
         with spares_paused() as spares:
             kill_tree(self.proc.pid, self.existed_before, spares)
         self.proc.wait()
+        if self.spawned is not None:
+            self.spawned.close()
+
+    def relay_spawned(self, stream: str, text: str) -> None:
+        self.to_driver(Kind.OUTPUT, (stream, text))
+
+    def _spawn(self, request: dict) -> None:
+        """Starts what a rank's ``MPI_Comm_spawn`` asked for; the driver answers the rank."""
+        assert self.spawned is not None
+        error = None
+        try:
+            self.spawned.start(request, self.spec.pmi, HANDSHAKE_TIMEOUT_S)
+        except SpawnRefused as exc:
+            error = str(exc)
+        self.to_driver(Kind.SPAWNED, {"id": request["id"], "error": error})
+
+    def _from_child(self, event: str, child: object) -> None:
+        assert self.spawned is not None
+        failure = self.spawned.on_event(event, child)
+        if failure is not None:
+            self.to_driver(Kind.ERROR, {"rank": self.rank, "host": self.host, **failure})
 
     # -- input ------------------------------------------------------------------------------
     def _feed(self, rows: Iterable) -> None:
@@ -239,7 +259,7 @@ class RankSupervisor:
     # -- main loop --------------------------------------------------------------------------
     def run(self, rows: Iterable) -> list:
         pidfd = os.pidfd_open(self.proc.pid)
-        sel = selectors.DefaultSelector()
+        sel = self.sel
         assert self.proc.stdout is not None and self.proc.stderr is not None
         sel.register(self.proc.stdout, selectors.EVENT_READ, "stdout")
         sel.register(self.proc.stderr, selectors.EVENT_READ, "stderr")
@@ -256,7 +276,9 @@ class RankSupervisor:
             exited = False
             while not exited:
                 for key, _ in sel.select():
-                    if key.data == "exit":
+                    if isinstance(key.data, tuple):
+                        self._from_child(*key.data)
+                    elif key.data == "exit":
                         exited = True
                     elif key.data == "chan":
                         self._from_rank(sel)
@@ -322,11 +344,13 @@ class RankSupervisor:
             raise RankAborted(f"rank {self.rank} killed: {decode(parts)}")
         if kind in (Kind.CALL, Kind.END):
             send_parts(self.chan, kind, parts)
+        elif kind is Kind.SPAWN:
+            self._spawn(decode(parts))  # type: ignore[arg-type]
 
     def _drain(self, sel: selectors.BaseSelector) -> None:
         """Reads what the dead rank left in its pipes and channel (for at most DRAIN_S)."""
         for key in list(sel.get_map().values()):
-            if key.data in ("exit", "control"):
+            if isinstance(key.data, tuple) or key.data in ("exit", "control"):
                 sel.unregister(key.fileobj)
         deadline = time.monotonic() + DRAIN_S
         while sel.get_map() and (left := deadline - time.monotonic()) > 0:
