@@ -48,20 +48,18 @@ class MPIRuntime:
             raise RuntimeNotFound(f"MPI runtime {self.name!r}: {self.libmpi} not found ({hint})")
         return self
 
-    @property
-    def needs_hosts(self) -> bool:
-        """Whether the rank environment depends on the set of hosts in the job."""
-        return self.name == "impi"
+    def rank_env(self) -> dict[str, str]:
+        """Environment variables a rank process of this runtime needs.
 
-    def rank_env(self, single_host: bool = True) -> dict[str, str]:
-        """Environment variables a rank process of this runtime needs."""
+        Intel MPI gets ``shm:ofi`` over OFI's ``tcp`` provider even on one host and
+        ``I_MPI_SPAWN=on``: with ``shm`` alone, or without that switch, its
+        ``MPI_Comm_spawn`` crashes the rank (SIGSEGV) instead of connecting the children.
+        """
         env = {"MPI4PY_LIBMPI": str(self.libmpi)}
         if self.name == "impi":
-            env["I_MPI_FABRICS"] = os.environ.get(
-                "I_MPI_FABRICS", "shm" if single_host else "shm:ofi"
-            )
-            if not single_host:
-                env["FI_PROVIDER"] = os.environ.get("FI_PROVIDER", "tcp")
+            env["I_MPI_FABRICS"] = os.environ.get("I_MPI_FABRICS", "shm:ofi")
+            env["FI_PROVIDER"] = os.environ.get("FI_PROVIDER", "tcp")
+            env["I_MPI_SPAWN"] = os.environ.get("I_MPI_SPAWN", "on")
         return env
 
     def library_version(self) -> str:
