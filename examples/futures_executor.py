@@ -3,8 +3,7 @@
 spark-mpi run --np 2 examples/futures_executor.py      (as under: mpiexec -n 2 python ...)
 
 ``MPICommExecutor`` needs no new processes, so it runs wherever the job's ranks run.
-(``MPIPoolExecutor`` spawns its workers with ``MPI_Comm_spawn``, which spark-mpi does not
-support yet: it fails with an MPI error.)
+``MPIPoolExecutor`` spawns its workers instead: see examples/futures_pool.py.
 """
 
 from mpi4py import MPI

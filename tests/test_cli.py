@@ -153,6 +153,11 @@ def test_examples_run():
     assert "[rank 0] squares [0, 1, 4, 9, 16, 25, 36, 49, 64, 81] computed on ranks [1]" in (
         done.stdout
     )
+    done = spark_mpi("run", "--np", "1", str(root / "examples" / "futures_pool.py"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[rank 0] cubes [0, 1, 8, 27, 64, 125, 216, 343] from 2 spawned worker(s)" in (
+        done.stdout
+    )
 
 
 def test_ctrl_c_on_the_driver_stops_the_ranks():
