@@ -61,4 +61,20 @@ if [ ! -e "$IMPI_PREFIX/lib/libmpi.so.12" ]; then
     "$PYTHON" -m pip install -q --no-deps --prefix "$IMPI_PREFIX" "impi-rt==$IMPI_VERSION"
 fi
 
+# mpi4py's own test suite, from the sdist of the installed version, for
+# `spark-mpi bench conformance` (spark-mpi run vs mpiexec); unpacked once into the cache.
+MPI4PY_VERSION=$("$PYTHON" -c 'from importlib import metadata; print(metadata.version("mpi4py"))')
+SUITE_DIR=${SPARKMPI_CACHE:-$HOME/.cache/sparkmpi}/mpi4py-$MPI4PY_VERSION
+if [ ! -e "$SUITE_DIR/test/main.py" ]; then
+    echo "setup: unpacking mpi4py $MPI4PY_VERSION's test suite into $SUITE_DIR"
+    sdist_dir=$(mktemp -d)
+    "$PYTHON" -m pip download -q --no-binary :all: --no-deps -d "$sdist_dir" \
+        "mpi4py==$MPI4PY_VERSION"
+    tar -xzf "$sdist_dir"/mpi4py-"$MPI4PY_VERSION".tar.gz -C "$sdist_dir"
+    mkdir -p "$SUITE_DIR"
+    rm -rf "$SUITE_DIR/test"
+    cp -r "$sdist_dir/mpi4py-$MPI4PY_VERSION/test" "$SUITE_DIR/test"
+    rm -rf "$sdist_dir"
+fi
+
 "$PYTHON" -m sparkmpi.cli info

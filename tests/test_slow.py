@@ -91,6 +91,24 @@ def test_bench_launch_quick(tmp_path):
     assert "Spark job / mpiexec" in done.stdout
 
 
+@pytest.mark.timeout(600)
+def test_bench_conformance_spawn_and_dynproc_match_mpiexec(tmp_path):
+    """mpi4py's own spawn and dynamic-process tests give the same outcome, test by test and
+    rank by rank, under spark-mpi run and under each library's mpiexec."""
+    from sparkmpi.bench.conformance import default_testdir
+
+    if not (default_testdir() / "main.py").exists():
+        pytest.skip(f"no mpi4py test suite at {default_testdir()} (scripts/setup.sh)")
+    modules = "test_spawn,test_dynproc"
+    _, data = run_bench(
+        tmp_path, "conformance", "--runtimes", "mpich,impi", "--modules", modules, timeout=540
+    )
+    for runtime in ("mpich", "impi"):
+        assert data[runtime]["identical"], data[runtime]["modules"]
+        assert set(data[runtime]["modules"]) == {"test_spawn", "test_dynproc"}
+    assert data["mpich"]["modules"]["test_spawn"]["spark-mpi"] == {"pass": 44}
+
+
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("where", ["local", "standalone"])
 def test_bench_allreduce_quick(tmp_path, where, request):

@@ -36,11 +36,11 @@ def spawn_two_commands(comm, rows):
     yield comm.rank, remote, sorted(seen[1:])
 
 
-def test_spawned_children_join_their_parent_rank(spark):
+@pytest.mark.parametrize("runtime", ["mpich", "impi"])
+def test_spawned_children_join_their_parent_rank(spark, runtime):
     lines: list[tuple[int, str]] = []
-    out = run_mpi(
-        spark, spawn_two_commands, ranks=2, output=lambda r, s, t: lines.append((r, t))
-    ).collect()
+    sink = lambda r, s, t: lines.append((r, t))  # noqa: E731
+    out = run_mpi(spark, spawn_two_commands, ranks=2, runtime=runtime, output=sink).collect()
     # child rank, child world size, MPI_APPNUM (its command), rank in the merged communicator
     assert out == [(r, 2, [(0, 2, 0, 1), (1, 2, 1, 2)]) for r in range(2)]
     text = "".join(t for _, t in lines)

@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     gpu = bench_sub.add_parser("gpu", help="solvers on one GPU vs its FFT bound and the CPU")
     gpu_arguments(gpu).set_defaults(func=_bench("gpu"))
+    from sparkmpi.bench.conformance import add_arguments as conformance_arguments
+
+    conformance = bench_sub.add_parser(
+        "conformance", help="mpi4py's test suite: spark-mpi run vs mpiexec, per MPI library"
+    )
+    conformance_arguments(conformance).set_defaults(func=_bench("conformance"))
     faults = bench_sub.add_parser(
         "faults", help="faults under a job on a namespace cluster; driver under floods"
     )

@@ -132,3 +132,32 @@ def bar_plot(path: str | Path | None, title: str, labels: list[str], seconds: li
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def table_plot(path: str | Path | None, title: str, columns: list[str], rows: list[list[str]]):
+    """The table as a PNG (one row per line, the header shaded)."""
+    if not path:
+        return
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"not written: {path} (matplotlib is not installed)")
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.24 * (len(rows) + 1)), dpi=110)
+    ax.axis("off")
+    table = ax.table(cellText=rows or [["" for _ in columns]], colLabels=columns, loc="upper left")
+    table.auto_set_font_size(False)
+    table.set_fontsize(7)
+    table.auto_set_column_width(list(range(len(columns))))
+    for (row, _), cell in table.get_celld().items():
+        if row == 0:
+            cell.set_facecolor("#dde4f0")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
