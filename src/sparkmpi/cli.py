@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from sparkmpi.runner.runtime import RUNTIMES
+
 APPS = {
     "tomo": "sparkmpi.apps.tomo.cli",
     "ptycho": "sparkmpi.apps.ptycho.cli",
@@ -93,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run an mpi4py script as N ranks on Spark, like mpiexec")
     run.add_argument("--np", "-n", type=int, default=1, help="number of ranks (default 1)")
     run.add_argument("--master", help="Spark master URL (default local[NP])")
-    run.add_argument("--runtime", choices=("mpich", "impi"), default="mpich")
+    run.add_argument("--runtime", choices=RUNTIMES, default="mpich")
     run.add_argument("--timeout", type=float, help="fail the job after this many seconds")
     run.add_argument(
         "--pmi-host", help="driver address the executors reach (default: see docs/deployment.md)"

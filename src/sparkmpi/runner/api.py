@@ -52,8 +52,9 @@ def run_mpi(
     yielded, in rank order, cached on the executors (``unpersist()`` it when done). Any rank
     that raises, exits or is killed fails the whole job: every rank process is stopped and
     :class:`MPIJobError` names the rank with its traceback. ``runtime`` picks the MPI library
-    (``"mpich"`` or ``"impi"``), ``env`` adds environment variables for the ranks, ``output``
-    receives their stdout/stderr (default: printed with a ``[rank N]`` prefix).
+    (``"mpich"``, ``"impi"`` or ``"openmpi"``), ``env`` adds environment variables for the
+    ranks, ``output`` receives their stdout/stderr (default: printed with a ``[rank N]``
+    prefix).
     """
     from pyspark import StorageLevel
 

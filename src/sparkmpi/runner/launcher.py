@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from sparkmpi.pmi import PMIAuthError, ServerUnreachable, connect_rank, open_link
 from sparkmpi.pmi.auth import CONTROL_PURPOSE, client_handshake
+from sparkmpi.pmix import HostFailed
 from sparkmpi.runner.frames import Kind, Parts, decode, encode, recv_parts, send, send_parts
 from sparkmpi.runner.proctree import become_subreaper, children_now, kill_tree
 from sparkmpi.runner.resources import gpu_env, task_gpus
@@ -151,17 +152,30 @@ def launch_rank(
     ours, theirs = socket.socketpair()
     rank_env = child_env(env)
     rank_env.update(
-        PMI_FD=str(pmi_sock.fileno()),
-        PMI_RANK=str(rank),
-        PMI_SIZE=str(spec.size),
         SPARKMPI_CHANNEL_FD=str(theirs.fileno()),
         SPARKMPI_PARENT_PID=str(os.getpid()),
         SPARKMPI_JOB_ID=spec.job_id,
+        SPARKMPI_RANK=str(rank),
     )
-    fds = (pmi_sock.fileno(), theirs.fileno())
+    try:
+        runtime = get_runtime(spec.runtime)
+        rank_env, pmi_fds, _ = runtime.connect_rank_env(
+            pmi_sock.fileno(), rank, spec.size, rank_env
+        )
+    except (HostFailed, OSError) as exc:  # the PMIx host of an Open MPI rank did not start
+        pmi_sock.close()
+        theirs.close()
+        ours.close()
+        reason = f"its MPI library's PMI could not start: {exc}"
+        with contextlib.suppress(OSError):
+            send(control, Kind.ERROR, {"rank": rank, "host": host, "reason": reason})
+        control.close()
+        raise RankFailed(f"MPI rank {rank} on {host} failed: {reason}") from None
+    fds = (*pmi_fds, theirs.fileno())
+    spare_fits = spec.prestart and len(pmi_fds) == 1  # a spare takes (PMI_FD, channel)
     command = [sys.executable, "-m", RANK_MODULE]
     try:
-        proc = take_spare(rank_env, fds) if spec.prestart else None
+        proc = take_spare(rank_env, fds) if spare_fits else None
         if proc is None:
             proc = subprocess.Popen(
                 command,
@@ -184,7 +198,7 @@ def launch_rank(
         supervisor.spawned = SpawnedProcesses(env, supervisor.relay_spawned, supervisor.sel)
         return supervisor.run(rows)
     finally:
-        if spec.prestart:
+        if spare_fits:
             request_spare(command, runtime_env)
 
 
@@ -330,6 +344,7 @@ class RankSupervisor:
             self.done = True
         elif kind is Kind.ERROR:
             self.report = decode(parts)  # type: ignore[assignment]
+            self._report_now()
         elif kind in (Kind.READY, Kind.RESULT):
             self.to_driver(kind, parts=parts)
 
@@ -346,6 +361,12 @@ class RankSupervisor:
             send_parts(self.chan, kind, parts)
         elif kind is Kind.SPAWN:
             self._spawn(decode(parts))  # type: ignore[arg-type]
+
+    def _report_now(self) -> None:
+        """Forwards the rank's own failure report while the rank waits to be killed."""
+        report = {**(self.report or {}), "rank": self.rank, "host": self.host}
+        report["stderr"] = "\n".join(self.stderr_tail)
+        self.to_driver(Kind.ERROR, report)
 
     def _drain(self, sel: selectors.BaseSelector) -> None:
         """Reads what the dead rank left in its pipes and channel (for at most DRAIN_S)."""

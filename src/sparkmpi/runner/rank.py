@@ -110,6 +110,11 @@ def _run_script(path: str, source: str, argv: list[str]) -> None:
             sys.modules["__main__"] = launcher
 
 
+REPORT_WAIT_S = 30.0
+"""How long a failed rank waits to be killed after reporting (a fallback: a lost driver link
+makes its task kill it at once)."""
+
+
 def _report(chan: socket.socket, rank: int, exc: BaseException) -> None:
     frames = traceback.extract_tb(exc.__traceback__)
     # Our own frames say nothing to the user; keep theirs.
@@ -121,10 +126,16 @@ def _report(chan: socket.socket, rank: int, exc: BaseException) -> None:
         "reason": f"{type(exc).__name__}: {exc}".strip().rstrip(":"),
         "traceback": text,
     }
-    with contextlib.suppress(OSError):
-        send(chan, Kind.ERROR, report)
     sys.stderr.write(text)
     sys.stderr.flush()
+    with contextlib.suppress(OSError, EOFError, ValueError):
+        send(chan, Kind.ERROR, report)
+        # Stay alive until the task kills us on the driver's ABORT: the driver then has this
+        # report before any peer can notice our exit and fail on its own (Open MPI ranks
+        # abort when a peer's connection drops), so the first failure named is the real one.
+        chan.settimeout(REPORT_WAIT_S)
+        while recv(chan)[0] is not Kind.ABORT:
+            pass
 
 
 def main() -> None:
@@ -138,10 +149,11 @@ def main() -> None:
         wait_for_job()
         ensure_mpi_initialized()
     _set_name(PROCESS_NAME)
-    rank = int(os.environ.get("PMI_RANK", "0"))
+    rank = int(os.environ.get("SPARKMPI_RANK", "0"))
     chan = socket.socket(fileno=int(os.environ["SPARKMPI_CHANNEL_FD"]))
     os.set_inheritable(chan.fileno(), False)
-    os.set_inheritable(int(os.environ["PMI_FD"]), False)
+    if "PMI_FD" in os.environ:  # PMI-1 libraries; an Open MPI rank has a PMIx host instead
+        os.set_inheritable(int(os.environ["PMI_FD"]), False)
     try:
         kind, job = recv(chan)
         if kind is not Kind.JOB or not isinstance(job, dict):

