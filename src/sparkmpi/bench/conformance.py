@@ -173,7 +173,8 @@ def main(args: argparse.Namespace) -> int:
     results: dict[str, dict] = {}
     for runtime in args.runtimes.split(","):
         try:
-            library = " ".join(get_runtime(runtime).library_version().split())
+            version = get_runtime(runtime).library_version().split(",")[0]
+            library = " ".join(version.split())
         except (RuntimeNotFound, ValueError) as exc:
             print(f"skipped {runtime}: {exc}", file=sys.stderr)
             continue
