@@ -78,12 +78,16 @@ def test_run_mpi_and_a_session_across_nodes(netns_cluster, layout):
     assert out["pmi_bind"] == out["pmi_advertised"] == netns_cluster.bridge_address
 
 
-@pytest.mark.parametrize("layout", ["2 nodes", "2+1+1 on 3 nodes"])
-def test_spark_mpi_run_across_nodes(netns_cluster, layout, tmp_path):
+@pytest.mark.parametrize(
+    ("layout", "runtime"),
+    [("2 nodes", "mpich"), ("2+1+1 on 3 nodes", "mpich"), ("2+1+1 on 3 nodes", "openmpi")],
+)
+def test_spark_mpi_run_across_nodes(netns_cluster, layout, runtime, tmp_path):
     ranks, conf, per_node = LAYOUTS[layout]
     script = tmp_path / "where.py"
     script.write_text(SCRIPT)
     options = [arg for k, v in conf.items() for arg in ("--conf", f"{k}={v}")]
+    options += ["--runtime", runtime]
     done = subprocess.run(
         [*SPARK_MPI_RUN, str(ranks), "--master", netns_cluster.url, *options, str(script)],
         capture_output=True,
