@@ -182,3 +182,19 @@ def test_mpi4py_futures_comm_executor_on_the_job_ranks(spark):
     """Tasks pickled by reference (builtins here; a script's own functions in the examples
     test) run on the other rank."""
     assert run_mpi(spark, squares_on_workers, ranks=2).collect() == [([0, 1, 4, 9, 16, 25], True)]
+
+
+def pool_on_spawned_workers(comm, rows):
+    import os
+
+    from mpi4py.futures import MPIPoolExecutor
+
+    with MPIPoolExecutor(max_workers=1) as pool:
+        squares = list(pool.map(pow, range(6), [2] * 6))
+        yield comm.rank, squares, pool.submit(os.getpid).result() != os.getpid()
+
+
+def test_mpi4py_futures_pool_executor_spawns_its_workers(spark):
+    """MPIPoolExecutor's workers start with MPI_Comm_spawn beside each rank."""
+    out = run_mpi(spark, pool_on_spawned_workers, ranks=2, output=None).collect()
+    assert out == [(rank, [0, 1, 4, 9, 16, 25], True) for rank in range(2)]

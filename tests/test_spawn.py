@@ -48,6 +48,36 @@ def test_spawned_children_join_their_parent_rank(spark, runtime):
         assert any(r == rank and "[spawned 0] child 0 says hello" in t for r, t in lines), text
 
 
+@pytest.fixture(params=["beside", "executors"])
+def placement(request, monkeypatch):
+    """Where spawned processes start: beside their parent rank, or as a Spark stage."""
+    monkeypatch.setenv("SPARKMPI_SPAWN_PLACEMENT", request.param)
+    return request.param
+
+
+CHILD_PPID = (
+    "import os\nfrom mpi4py import MPI\np = MPI.Comm.Get_parent()\n"
+    "p.send(os.getppid(), dest=0)\np.Disconnect()\n"
+)
+
+
+def spawn_and_find_its_task(comm, rows):
+    import os
+
+    from mpi4py import MPI
+
+    child = MPI.COMM_SELF.Spawn(sys.executable, ["-c", CHILD_PPID], maxprocs=1)
+    started_by = child.recv(source=0)
+    child.Disconnect()
+    yield started_by == int(os.environ["SPARKMPI_PARENT_PID"])
+
+
+def test_spawned_processes_start_where_the_placement_says(spark, placement):
+    """Beside: the parent rank's own task starts the child; executors: another task does."""
+    out = run_mpi(spark, spawn_and_find_its_task, ranks=2, output=None).collect()
+    assert out == [placement == "beside"] * 2
+
+
 def spawn_missing_program(comm, rows):
     from mpi4py import MPI
 
@@ -58,7 +88,7 @@ def spawn_missing_program(comm, rows):
     yield comm.allreduce(1)
 
 
-def test_a_program_that_cannot_start_is_an_mpi_error_and_the_job_goes_on(spark):
+def test_a_program_that_cannot_start_is_an_mpi_error_and_the_job_goes_on(spark, placement):
     assert run_mpi(spark, spawn_missing_program, ranks=2, output=None).collect() == [
         (0, True),
         2,
@@ -81,11 +111,15 @@ def spawn_and_wait(code: str):
 
 
 def no_child_left() -> bool:
-    return not [
-        p
-        for p in psutil.Process().children(recursive=True)
-        if "import os" in " ".join(p.cmdline()) or "Abort(7)" in " ".join(p.cmdline())
-    ]
+    """No live process of this test runs a spawned child's code."""
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            command = " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        if "os._exit(3)" in command or "Abort(7)" in command:
+            return False
+    return True
 
 
 @pytest.mark.parametrize(
@@ -103,7 +137,7 @@ def no_child_left() -> bool:
     ],
     ids=["exits", "aborts"],
 )
-def test_a_failing_child_fails_the_whole_job(spark, code, reason):
+def test_a_failing_child_fails_the_whole_job(spark, code, reason, placement):
     with pytest.raises(MPIJobError, match=reason):
         run_mpi(spark, spawn_and_wait(code), ranks=2, output=None, timeout=120)
     assert no_child_left()

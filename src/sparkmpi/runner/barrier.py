@@ -22,6 +22,7 @@ from sparkmpi.runner.hub import DriverHub, JobState, OutputSink, get_hub, print_
 from sparkmpi.runner.launcher import TaskSpec, barrier_task
 from sparkmpi.runner.resources import local_mode_resources
 from sparkmpi.runner.runtime import get_runtime
+from sparkmpi.runner.spawn_stage import PLACEMENTS, ExecutorSpawner
 
 KILL_GRACE_S = 5.0
 """How long a failed job waits for its tasks to confirm their ranks are dead."""
@@ -176,6 +177,10 @@ class BarrierJob:
             raise UnschedulableResourcesError(unschedulable)
         self.size = rdd.getNumPartitions()
         ensure_slots(self.sc, self.size, slot_wait)
+        placement = _setting(self.sc.getConf(), "spawn.placement") or "auto"
+        if placement not in PLACEMENTS:
+            choices = ", ".join(PLACEMENTS)
+            raise ValueError(f"spark.sparkmpi.spawn.placement={placement!r}: one of {choices}")
         self.hub = hub_for(self.sc, pmi_host)
         self.state: JobState = self.hub.create_job(self.size, output)
         spec = TaskSpec(
@@ -191,6 +196,7 @@ class BarrierJob:
             prestart=os.environ.get("SPARKMPI_PRESTART", "1") != "0",
             link_timeout=self.hub.limits.link_timeout,
         )
+        self.state.spawner = ExecutorSpawner(self.sc, self.hub, spec, placement)
         self.rdd = rdd.barrier().mapPartitions(partial(barrier_task, spec))
         self.group = f"sparkmpi-{self.state.job_id}"
 
@@ -257,7 +263,8 @@ class BarrierJob:
 
     def _raise_failure(self):
         deadline = time.monotonic() + KILL_GRACE_S
-        while self.state.links and time.monotonic() < deadline:
+        states = [self.state, *self.state.children]  # the tasks of spawned processes too
+        while any(s.links for s in states) and time.monotonic() < deadline:
             time.sleep(0.02)
         self.close()
         raise error_from_reports(self.state.job_id, self.size, self.state.failures)

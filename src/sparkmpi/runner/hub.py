@@ -13,10 +13,12 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from sparkmpi.pmi import AbortRequest, ListenerLimits, PMIJob, PMIServer
 from sparkmpi.pmi.auth import CONTROL_PURPOSE, acceptance_line, authenticate_peer, refusal_line
 from sparkmpi.pmi.listener import GuardedListener
+from sparkmpi.pmi.server import SpawnAnswer
 from sparkmpi.pmi.spawn import SpawnRequest
 from sparkmpi.runner.frames import Kind, Parts, decode, encode, read_parts, write_parts
 from sparkmpi.runner.resources import shared_gpus, sharing_warning
@@ -24,6 +26,18 @@ from sparkmpi.runner.resources import shared_gpus, sharing_warning
 log = logging.getLogger(__name__)
 
 OutputSink = Callable[[int, str, str], None]
+
+
+class Spawner(Protocol):
+    """Starts a spawn's processes elsewhere than beside the parent rank (on executors)."""
+
+    def wants(self, size: int) -> bool: ...
+
+    def launch(
+        self, parent: JobState, rank: int, child: PMIJob, frame: dict, answer: SpawnAnswer
+    ) -> None: ...
+
+
 TASK_LOST = "its Spark task was lost (the task, its Python worker or its executor ended)"
 
 
@@ -53,6 +67,9 @@ class JobState:
     gpus: dict[int, list[str]] = field(default_factory=dict)
     spawned_jobs: list[str] = field(default_factory=list)
     spawn_answers: dict[int, Callable[[str | None], None]] = field(default_factory=dict)
+    spawner: Spawner | None = None
+    parent: tuple[JobState, int] | None = None
+    children: list[JobState] = field(default_factory=list)
     closed: bool = False
     changed: threading.Event = field(default_factory=threading.Event)
 
@@ -116,8 +133,15 @@ class DriverHub:
         self._thread.call(fn)
 
     # -- jobs -------------------------------------------------------------------------------
-    def create_job(self, size: int, output: OutputSink | None = print_prefixed) -> JobState:
-        """Registers a job of ``size`` ranks in the PMI server and here."""
+    def create_job(
+        self, size: int, output: OutputSink | None = print_prefixed, pmi_job: PMIJob | None = None
+    ) -> JobState:
+        """Registers a job of ``size`` ranks in the PMI server and here (``pmi_job``: one the
+        PMI server already has, a spawned job's)."""
+        if pmi_job is not None:
+            job = JobState(pmi=pmi_job, output=output)
+            self.jobs[job.job_id] = job
+            return job
         holder: dict[str, JobState] = {}
 
         def on_abort(job_id: str, request: AbortRequest) -> None:
@@ -150,6 +174,7 @@ class DriverHub:
             )
             self.fail(job, {"rank": rank, "reason": reason})
 
+        spawner = job.spawner if job.spawner and job.spawner.wants(request.size) else None
         child = self.pmi.create_job(
             request.size,
             on_abort=on_child_abort,
@@ -173,6 +198,9 @@ class DriverHub:
                 self.pmi.close_job(child.job_id)
                 return
             job.spawned_jobs.append(child.job_id)
+            if spawner is not None:
+                spawner.launch(job, rank, child, frame, answer)
+                return
             frame["id"] = spawn_id = len(job.spawned_jobs)
             job.spawn_answers[spawn_id] = answer
             self._send(writer, Kind.SPAWN, frame)
@@ -193,6 +221,9 @@ class DriverHub:
         self.pmi.close_job(job.job_id)
         for child_id in job.spawned_jobs:
             self.pmi.close_job(child_id)
+        for child in job.children:
+            if not child.closed:
+                self.close_job(child)
 
         def close() -> None:
             for writer in job.links.values():
@@ -218,6 +249,17 @@ class DriverHub:
         reason = f"rank {report.get('rank')} failed: {report.get('reason')}"
         for writer in job.links.values():
             self._send(writer, Kind.ABORT, reason)
+        for child in job.children:
+            self._fail(child, {"rank": None, "reason": "the job that spawned it failed"})
+        # a spawn whose processes did not all start is answered with an error instead
+        started = len(job.ready) == job.size
+        if job.parent is not None and started and report.get("rank") is not None:
+            parent, rank = job.parent
+            what = report.get("reason")
+            if not str(what).startswith("process "):
+                what = f"process {report['rank']} it spawned failed: {what}"
+            where = f" (on {report['host']})" if report.get("host") else ""
+            self._fail(parent, {"rank": rank, "reason": f"{what}{where}", **_tail(report)})
 
     def _send(self, writer: asyncio.StreamWriter, kind: Kind, obj: object) -> None:
         if not writer.is_closing():
@@ -316,6 +358,10 @@ class DriverHub:
             shared = shared_gpus(job.hosts, job.gpus)
             if shared:
                 print(sharing_warning(job.job_id, shared), file=sys.stderr, flush=True)
+
+
+def _tail(report: dict) -> dict:
+    return {"stderr": report["stderr"]} if report.get("stderr") else {}
 
 
 _hubs: dict[tuple, DriverHub] = {}

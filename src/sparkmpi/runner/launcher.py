@@ -61,7 +61,7 @@ class TaskSpec:
     size: int
     hub: tuple[str, int]
     pmi: tuple[str, int]
-    mode: str  # "run" | "session" | "script"
+    mode: str  # "run" | "session" | "script" | "spawned"
     job: bytes  # the JOB frame body for the rank (encoded)
     runtime: str = "mpich"
     env: dict[str, str] = field(default_factory=dict)
@@ -84,7 +84,8 @@ def barrier_task(spec: TaskSpec, rows: Iterable) -> Iterator:
     return iter(launch_rank(spec, rank, rows, {**runtime_env, **env}, runtime_env, gpus))
 
 
-def _hub_connect(spec: TaskSpec, rank: int, host: str) -> socket.socket:
+def connect_control(spec: TaskSpec, rank: int, host: str) -> socket.socket:
+    """The task's authenticated control link to the driver, as ``rank`` of ``spec``'s job."""
     try:
         sock = open_link(spec.hub, "driver's control port", spec.link_timeout, spec.link_timeout)
     except ServerUnreachable as exc:
@@ -138,7 +139,7 @@ def launch_rank(
     pre-started interpreter is started with. ``gpus`` (the task's GPU addresses) are reported
     to the driver, which warns when ranks on one host share a GPU."""
     host = socket.gethostname()
-    control = _hub_connect(spec, rank, host)
+    control = connect_control(spec, rank, host)
     try:
         if gpus:
             with contextlib.suppress(OSError):  # a closed link is noticed where it matters

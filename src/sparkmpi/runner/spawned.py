@@ -34,7 +34,8 @@ class SpawnRefused(RuntimeError):
 
 @dataclass
 class Child:
-    """One started child: its rank in the spawned job, what it runs, its process."""
+    """One started child: its rank in the spawned job (``[spawned N]``), what it runs, its
+    process."""
 
     rank: int
     argv: list[str]
@@ -75,11 +76,13 @@ class SpawnedProcesses:
         self.relay = relay
         self.sel = sel
         self.children: dict[int, Child] = {}
-        self._next = 0
 
-    def start(self, request: dict, pmi: tuple[str, int], timeout: float) -> list[Child]:
-        """Starts every process of ``request`` (a SPAWN frame), each admitted to the spawned
-        job; all or none: :class:`SpawnRefused` after killing those already started."""
+    def start(
+        self, request: dict, pmi: tuple[str, int], timeout: float, only: int | None = None
+    ) -> list[Child]:
+        """Starts every process of ``request`` (a SPAWN frame), or only rank ``only`` of the
+        spawned job, each admitted to that job; all or none: :class:`SpawnRefused` after
+        killing those already started."""
         started: list[Child] = []
         host = socket.gethostname()
         rank = 0
@@ -87,7 +90,9 @@ class SpawnedProcesses:
             for command in request["commands"]:
                 argv, cwd = _argv_and_cwd(command)
                 for _ in range(command["nprocs"]):
-                    started.append(self._start_one(request, pmi, timeout, host, rank, argv, cwd))
+                    if only is None or rank == only:
+                        child = self._start_one(request, pmi, timeout, host, rank, argv, cwd)
+                        started.append(child)
                     rank += 1
         except (SpawnRefused, OSError, PMIAuthError, ServerUnreachable) as exc:
             for child in started:
@@ -156,11 +161,9 @@ class SpawnedProcesses:
             )
         finally:
             sock.close()
-        number = self._next
-        self._next += 1
         tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         partial = {"stdout": b"", "stderr": b""}
-        return Child(number, argv, proc, os.pidfd_open(proc.pid), tail, partial)
+        return Child(rank, argv, proc, os.pidfd_open(proc.pid), tail, partial)
 
     def read(self, child: Child, stream: str) -> bool:
         """Relays what ``child`` wrote on ``stream``; False at end of file."""
