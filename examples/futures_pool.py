@@ -2,8 +2,9 @@
 
 spark-mpi run --np 1 examples/futures_pool.py          (as under: mpiexec -n 1 python ...)
 
-The workers start beside the rank that creates the pool, in its Spark task, and end with
-it; their output is relayed as ``[rank 0] [spawned N] ...``. The number of workers is
+The workers start as a Spark stage of their own when the cluster has free task slots, else
+beside the rank that creates the pool, in its Spark task; they end with the job and their
+output is relayed as ``[rank 0] [spawned N] ...``. The number of workers is
 ``max_workers`` (default: ``MPI4PY_FUTURES_MAX_WORKERS``, else 1 under spark-mpi, whose
 universe is the job's own ranks).
 """
@@ -27,5 +28,5 @@ if __name__ == "__main__":
     workers = len({pid for _, pid in results})
     print(
         f"cubes {[value for value, _ in results]} from {workers} spawned worker(s) "
-        f"beside rank {MPI.COMM_WORLD.rank} on {socket.gethostname()}"
+        f"for rank {MPI.COMM_WORLD.rank} on {socket.gethostname()}"
     )
