@@ -100,19 +100,27 @@ def write_json(path: str | Path | None, data: dict) -> None:
         Path(path).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def bar_plot(path: str | Path | None, title: str, labels: list[str], seconds: list[float]) -> None:
-    """A log-scale bar chart of ``seconds`` per label, written as PNG."""
+def _pyplot(path: str | Path | None):
+    """matplotlib's pyplot (headless) when a PNG is wanted at ``path`` and can be drawn."""
     if not path:
-        return
+        return None
     try:
         import matplotlib
     except ImportError:
         print(f"not written: {path} (matplotlib is not installed)")
-        return
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def bar_plot(path: str | Path | None, title: str, labels: list[str], seconds: list[float]) -> None:
+    """A log-scale bar chart of ``seconds`` per label, written as PNG."""
+    plt = _pyplot(path)
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     bars = ax.bar(
         labels, seconds, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][: len(labels)]
@@ -136,17 +144,9 @@ def bar_plot(path: str | Path | None, title: str, labels: list[str], seconds: li
 
 def table_plot(path: str | Path | None, title: str, columns: list[str], rows: list[list[str]]):
     """The table as a PNG (one row per line, the header shaded)."""
-    if not path:
+    plt = _pyplot(path)
+    if plt is None:
         return
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"not written: {path} (matplotlib is not installed)")
-        return
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(7, 0.6 + 0.24 * (len(rows) + 1)), dpi=110)
     ax.axis("off")
     table = ax.table(cellText=rows or [["" for _ in columns]], colLabels=columns, loc="upper left")

@@ -195,8 +195,7 @@ def launch_rank(
         pmi_sock.close()
         theirs.close()
     try:
-        supervisor = RankSupervisor(spec, rank, host, proc, ours, control, existed_before)
-        supervisor.spawned = SpawnedProcesses(env, supervisor.relay_spawned, supervisor.sel)
+        supervisor = RankSupervisor(spec, rank, host, proc, ours, control, existed_before, env)
         return supervisor.run(rows)
     finally:
         if spare_fits:
@@ -206,7 +205,7 @@ def launch_rank(
 class RankSupervisor:
     """Watches one rank process and its three channels until it ends or must be killed."""
 
-    def __init__(self, spec, rank, host, proc, chan, control, existed_before=frozenset()):
+    def __init__(self, spec, rank, host, proc, chan, control, existed_before=frozenset(), env=None):
         self.spec, self.rank, self.host = spec, rank, host
         self.existed_before: frozenset[int] = frozenset(existed_before)
         self.proc: subprocess.Popen = proc
@@ -219,8 +218,9 @@ class RankSupervisor:
         self.feed_error: BaseException | None = None
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self.partial = {"stdout": b"", "stderr": b""}
-        self.spawned: SpawnedProcesses | None = None
         self.sel: selectors.BaseSelector = selectors.DefaultSelector()
+        relay = lambda stream, text: self.to_driver(Kind.OUTPUT, (stream, text))  # noqa: E731
+        self.spawned = SpawnedProcesses(dict(env or {}), relay, self.sel)  # MPI_Comm_spawn's
 
     def to_driver(self, kind: Kind, obj: object = None, parts: Parts | None = None) -> None:
         with self.control_lock, contextlib.suppress(OSError):
@@ -231,15 +231,10 @@ class RankSupervisor:
         with spares_paused() as spares:
             kill_tree(self.proc.pid, self.existed_before, spares)
         self.proc.wait()
-        if self.spawned is not None:
-            self.spawned.close()
-
-    def relay_spawned(self, stream: str, text: str) -> None:
-        self.to_driver(Kind.OUTPUT, (stream, text))
+        self.spawned.close()
 
     def _spawn(self, request: dict) -> None:
         """Starts what a rank's ``MPI_Comm_spawn`` asked for; the driver answers the rank."""
-        assert self.spawned is not None
         error = None
         try:
             self.spawned.start(request, self.spec.pmi, HANDSHAKE_TIMEOUT_S)
@@ -248,7 +243,6 @@ class RankSupervisor:
         self.to_driver(Kind.SPAWNED, {"id": request["id"], "error": error})
 
     def _from_child(self, event: str, child: object) -> None:
-        assert self.spawned is not None
         failure = self.spawned.on_event(event, child)
         if failure is not None:
             self.to_driver(Kind.ERROR, {"rank": self.rank, "host": self.host, **failure})
