@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -93,20 +94,27 @@ def test_bench_launch_quick(tmp_path):
 
 @pytest.mark.timeout(600)
 def test_bench_conformance_spawn_and_dynproc_match_mpiexec(tmp_path):
-    """mpi4py's own spawn and dynamic-process tests give the same outcome, test by test and
-    rank by rank, under spark-mpi run and under each library's mpiexec."""
+    """mpi4py's own spawn, dynamic-process and communicator tests give the same outcome, test
+    by test and rank by rank, under spark-mpi run and under each library's mpiexec (Open MPI:
+    not between jobs, see docs/benchmarks.md)."""
     from sparkmpi.bench.conformance import default_testdir
 
     if not (default_testdir() / "main.py").exists():
         pytest.skip(f"no mpi4py test suite at {default_testdir()} (scripts/setup.sh)")
-    modules = "test_spawn,test_dynproc"
-    _, data = run_bench(
-        tmp_path, "conformance", "--runtimes", "mpich,impi", "--modules", modules, timeout=540
-    )
+    modules = "test_spawn,test_dynproc,test_comm"
+    done = subprocess.run(
+        [sys.executable, "-m", "sparkmpi.cli", "bench", "conformance", "--modules", modules,
+         "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png")],
+        capture_output=True, text=True, timeout=540,
+    )  # fmt: skip
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert (tmp_path / "c.png").stat().st_size > 1000, done.stderr[-2000:]
     for runtime in ("mpich", "impi"):
         assert data[runtime]["identical"], data[runtime]["modules"]
-        assert set(data[runtime]["modules"]) == {"test_spawn", "test_dynproc"}
+        assert set(data[runtime]["modules"]) == set(modules.split(","))
     assert data["mpich"]["modules"]["test_spawn"]["spark-mpi"] == {"pass": 44}
+    openmpi = data["openmpi"]["modules"]
+    assert openmpi["test_comm"]["identical"] and openmpi["test_spawn"]["identical"]
 
 
 @pytest.mark.timeout(420)
