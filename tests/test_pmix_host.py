@@ -51,6 +51,7 @@ def run_job(hosts: list[str], code: str, timeout: float = 60):
     hosts' exit codes and the server's abort requests. Everything started is killed by PID."""
     aborts: list[AbortRequest] = []
     started: list[subprocess.Popen] = []
+    hosts_started: list = []
     server = PMIServer().start()
     try:
         job = server.create_job(len(hosts), on_abort=lambda _job, req: aborts.append(req))
@@ -61,11 +62,11 @@ def run_job(hosts: list[str], code: str, timeout: float = 60):
         envs = []
         for rank, sock in enumerate(socks):
             host, env = start_host(sock.fileno(), rank, len(hosts), PREFIX, dict(os.environ))
-            started.append(host)
+            hosts_started.append(host)
+            started.append(host.proc)
             assert "PMI_FD" not in env
             envs.append(env)
             sock.close()
-        hosts_started = list(started)
         ranks = []
         for env in envs:
             rank = subprocess.Popen(
@@ -76,8 +77,10 @@ def run_job(hosts: list[str], code: str, timeout: float = 60):
         results = [(r.wait(timeout=timeout), r.stdout.read()) for r in ranks]  # type: ignore[union-attr]
         host_codes = []
         for host in hosts_started:
-            host.stdin.close()  # type: ignore[union-attr]
-            host_codes.append(host.wait(timeout=15))
+            host.proc.stdin.close()  # type: ignore[union-attr]
+            host_codes.append(host.proc.wait(timeout=15))
+            host.close()
+            assert not host.tmpdir.exists()
         return results, host_codes, aborts
     finally:
         for proc in started:

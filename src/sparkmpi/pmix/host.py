@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; see the module docstring for the contract with the parent."""
     args = sys.argv[1:] if argv is None else argv
     prefix = Path(args[0] if args else os.environ.get("SPARKMPI_OMPI_PREFIX", "/opt/sparkmpi-ompi"))
-    tmpdir = Path(tempfile.mkdtemp(prefix="sparkmpi-pmix-"))  # mode 0700
+    # the parent's directory (mode 0700) when given; it removes it too, if we are killed
+    tmpdir = Path(args[1]) if len(args) > 1 else Path(tempfile.mkdtemp(prefix="sparkmpi-pmix-"))
     try:
         sock = socket.socket(fileno=int(os.environ["PMI_FD"]))
         rank, size = int(os.environ["PMI_RANK"]), int(os.environ["PMI_SIZE"])

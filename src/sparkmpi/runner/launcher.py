@@ -160,7 +160,7 @@ def launch_rank(
     )
     try:
         runtime = get_runtime(spec.runtime)
-        rank_env, pmi_fds, _ = runtime.connect_rank_env(
+        rank_env, pmi_fds, pmix_host = runtime.connect_rank_env(
             pmi_sock.fileno(), rank, spec.size, rank_env
         )
     except (HostFailed, OSError) as exc:  # the PMIx host of an Open MPI rank did not start
@@ -190,6 +190,8 @@ def launch_rank(
     except BaseException:
         ours.close()
         control.close()
+        if pmix_host is not None:
+            pmix_host.close()
         raise
     finally:
         pmi_sock.close()
@@ -198,6 +200,8 @@ def launch_rank(
         supervisor = RankSupervisor(spec, rank, host, proc, ours, control, existed_before, env)
         return supervisor.run(rows)
     finally:
+        if pmix_host is not None:
+            pmix_host.close()
         if spare_fits:
             request_spare(command, runtime_env)
 

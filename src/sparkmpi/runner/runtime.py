@@ -15,6 +15,10 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sparkmpi.pmix import PMIxHost
 
 DEFAULT_IMPI_PREFIX = "/opt/sparkmpi-impi"
 DEFAULT_OMPI_PREFIX = "/opt/sparkmpi-ompi"
@@ -69,12 +73,12 @@ class MPIRuntime:
 
     def connect_rank_env(
         self, pmi_fd: int, rank: int, size: int, env: dict[str, str]
-    ) -> tuple[dict[str, str], tuple[int, ...], subprocess.Popen | None]:
+    ) -> tuple[dict[str, str], tuple[int, ...], PMIxHost | None]:
         """How a rank of this library reaches the job's PMI space through ``pmi_fd`` (an
-        admitted PMI-1 socket): ``(env, fds to pass, helper process)``. MPICH and Intel MPI
-        take the socket itself as ``PMI_FD``; Open MPI's rank gets a PMIx host of its own
-        (:mod:`sparkmpi.pmix`) that holds the socket, and the host's client environment.
-        Raises :class:`sparkmpi.pmix.HostFailed` if that host cannot start."""
+        admitted PMI-1 socket): ``(env, fds to pass, helper to close after the rank)``.
+        MPICH and Intel MPI take the socket itself as ``PMI_FD``; Open MPI's rank gets a PMIx
+        host of its own (:mod:`sparkmpi.pmix`) that holds the socket, and the host's client
+        environment. Raises :class:`sparkmpi.pmix.HostFailed` if that host cannot start."""
         if self.name != "openmpi":
             pmi = {"PMI_FD": str(pmi_fd), "PMI_RANK": str(rank), "PMI_SIZE": str(size)}
             return {**env, **pmi}, (pmi_fd,), None
