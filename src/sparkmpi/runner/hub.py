@@ -33,6 +33,8 @@ class Spawner(Protocol):
 
     def wants(self, size: int) -> bool: ...
 
+    def release(self, size: int) -> None: ...
+
     def launch(
         self, parent: JobState, rank: int, child: PMIJob, frame: dict, answer: SpawnAnswer
     ) -> None: ...
@@ -163,8 +165,9 @@ class DriverHub:
         return job
 
     def _spawn(self, job: JobState, rank: int, request: SpawnRequest, answer) -> None:
-        """A new PMI job for what rank ``rank`` spawns; its task is told to start the processes
-        beside the rank and answers over its control link (:meth:`_on_spawned`)."""
+        """A new PMI job for what rank ``rank`` spawns, started by the job's spawner on executors
+        when it wants them, else by the rank's task beside the rank, which answers over its
+        control link (:meth:`_on_spawned`)."""
 
         def on_child_abort(child_id: str, request: AbortRequest) -> None:
             message = request.message or "no message"
@@ -196,6 +199,8 @@ class DriverHub:
             if job.failed.is_set() or job.closed or writer is None or writer.is_closing():
                 answer("the job is ending")
                 self.pmi.close_job(child.job_id)
+                if spawner is not None:
+                    spawner.release(request.size)
                 return
             job.spawned_jobs.append(child.job_id)
             if spawner is not None:
@@ -218,6 +223,7 @@ class DriverHub:
     def close_job(self, job: JobState) -> None:
         """Forgets ``job``: its PMI space and control links are closed."""
         job.closed = True
+        job.all_ready.set()  # whoever waits for the ranks to start: they never will now
         self.pmi.close_job(job.job_id)
         for child_id in job.spawned_jobs:
             self.pmi.close_job(child_id)

@@ -75,7 +75,8 @@ class ExecutorSpawner:
             _reserved += size
             return True
 
-    def _release(self, size: int) -> None:
+    def release(self, size: int) -> None:
+        """Gives back slots a yes of :meth:`wants` reserved (the tasks now run, or never will)."""
         global _reserved
         if self.placement == "auto":
             with _reserved_lock:
@@ -111,12 +112,14 @@ class ExecutorSpawner:
 
         def started() -> None:
             state.all_ready.wait()
-            self._release(spec.size)
+            self.release(spec.size)
+            if state.closed and len(state.ready) < state.size:  # parent over, tasks unstarted
+                self.sc.cancelJobGroup(group)
             reason = state.failures[0].get("reason") if state.failures else "they failed"
             answer_once(reason if state.failed.is_set() else None)
 
-        threading.Thread(target=started, daemon=True).start()
         group = f"sparkmpi-{state.job_id}"
+        threading.Thread(target=started, daemon=True).start()
         self.sc.setJobGroup(group, f"processes spawned for MPI job {state.job_id}", True)
         try:
             rdd = self.sc.parallelize(range(spec.size), spec.size)
