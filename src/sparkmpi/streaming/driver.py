@@ -23,6 +23,7 @@ import numpy as np
 
 from sparkmpi.apps.files import atomic_output
 from sparkmpi.streaming.endpoints import open_source
+from sparkmpi.streaming.protocol import MalformedRecord, check_scan_id
 from sparkmpi.streaming.rankstep import app_class, rank_step
 
 
@@ -69,6 +70,7 @@ class StreamDriver:
         self.settings = settings or StreamSettings()
         self.app_settings = app_settings
         self.log = log
+        self._refused_scans: set[str] = set()
         app_class(app)  # unknown app: fail before connecting
         self.source = open_source(source_url, log=log)
         self.session = None
@@ -89,14 +91,22 @@ class StreamDriver:
         result and returns the final summary (None if no scan started)."""
         from sparkmpi.runner import MPISession
 
-        scan = self.source.wait_for_scan(timeout, skip=self._finished_scans())
-        if scan is None:
-            return None
+        while True:
+            skip = self._finished_scans() | self._refused_scans
+            scan = self.source.wait_for_scan(timeout, skip=skip)
+            if scan is None:
+                return None
+            try:
+                directory = scan_dir(self.out_dir, scan.scan_id)
+                break
+            except MalformedRecord as exc:
+                self.log(f"skipped a scan: {exc}")
+                self._refused_scans.add(scan.scan_id)
         self.log(f"scan {scan.scan_id}: {scan.frames} frames of {scan.shape}, streaming")
         if self.session is None:
             self.session = MPISession(self.spark, self.settings.ranks)
         self.history = []
-        return _ScanRun(self, scan).run()
+        return _ScanRun(self, scan, directory).run()
 
     def close(self) -> None:
         if self.session is not None:
@@ -111,12 +121,22 @@ class StreamDriver:
         self.close()
 
 
+def scan_dir(out_dir: Path, scan_id: str) -> Path:
+    """``out_dir/scan_id``, checked to be a valid scan id naming a directory directly inside
+    ``out_dir`` (after symlinks are resolved); :class:`MalformedRecord` otherwise."""
+    base = Path(out_dir).resolve()
+    path = (base / check_scan_id(scan_id)).resolve()
+    if path.parent != base:
+        raise MalformedRecord(f"scan {scan_id}: {path} is not inside the output {base}")
+    return path
+
+
 class _ScanRun:
     """The batches of one scan."""
 
-    def __init__(self, driver: StreamDriver, scan):
+    def __init__(self, driver: StreamDriver, scan, directory: Path):
         self.d, self.scan = driver, scan
-        self.dir = driver.out_dir / scan.scan_id
+        self.dir = directory
         self.frames_dir = self.dir / "checkpoint" / "frames"
         self.frames_dir.mkdir(parents=True, exist_ok=True)
         self.state_path = self.dir / "checkpoint" / "state.json"

@@ -7,7 +7,7 @@ import time
 import uuid
 
 from sparkmpi.streaming.endpoints import open_sink
-from sparkmpi.streaming.protocol import Frame, ScanEnd, ScanStart
+from sparkmpi.streaming.protocol import Frame, ScanEnd, ScanStart, check_scan_id
 
 
 def scan_start(scan, scan_id: str) -> ScanStart:
@@ -30,7 +30,7 @@ def scan_start(scan, scan_id: str) -> ScanStart:
 def produce(scan, url: str, rate_hz: float, scan_id: str | None = None, log=None) -> dict:
     """Streams ``scan`` to ``url`` at ``rate_hz`` frames per second (0: as fast as possible);
     returns the scan id, frames sent and the times of the first and last frame."""
-    scan_id = scan_id or uuid.uuid4().hex[:12]
+    scan_id = check_scan_id(scan_id or uuid.uuid4().hex[:12])  # refused before anything is sent
     sink = open_sink(url)
     try:
         sink.send(scan_start(scan, scan_id))

@@ -10,6 +10,7 @@ message value; over ZeroMQ they are the two parts of a multipart message.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +21,22 @@ HEADER = "sparkmpi"
 
 class MalformedRecord(ValueError):
     """A record that does not follow the protocol; the message says what is wrong."""
+
+
+_SCAN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def check_scan_id(scan_id: object) -> str:
+    """``scan_id`` if it is 1 to 128 of ``A-Z a-z 0-9 . _ -`` and not ``.`` or ``..`` (it names
+    a directory under the output); :class:`MalformedRecord` saying why otherwise."""
+    text = str(scan_id)
+    if not _SCAN_ID.fullmatch(text) or text in (".", ".."):
+        shown = text[:40] + ("..." if len(text) > 40 else "")
+        raise MalformedRecord(
+            f"scan id {shown!r} is not 1 to 128 of the characters A-Z a-z 0-9 . _ - "
+            "(and not '.' or '..')"
+        )
+    return text
 
 
 @dataclass
@@ -119,9 +136,10 @@ def decode(header: bytes | None, payload: bytes | None, scan: ScanStart | None =
     try:
         meta = json.loads(header or b"")
         kind = meta["type"]
-        scan_id = str(meta["scan_id"])
+        scan_id = meta["scan_id"]
     except (ValueError, KeyError, TypeError) as exc:
         raise MalformedRecord(f"unreadable header ({type(exc).__name__}: {exc})") from None
+    scan_id = check_scan_id(scan_id)
     payload = payload or b""
     try:
         if kind == "scan-start":
