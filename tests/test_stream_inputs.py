@@ -48,3 +48,44 @@ def test_scan_directories_stay_inside_the_output(tmp_path):
 def test_the_producer_refuses_a_bad_scan_id_before_sending_anything():
     with pytest.raises(MalformedRecord, match=r"'\.\./x'"):
         produce(None, "zmq://127.0.0.1:9", 0, "../x")
+
+
+def start_header(**change) -> bytes:
+    meta = {"type": "scan-start", "scan_id": "s", "frames": 4, "shape": [2, 2]}
+    meta.update(dtype="float32", positions=[[0.0, 0.0]] * 4, geometry={})
+    meta.update(change)
+    return json.dumps(meta).encode()
+
+
+PROBE = np.zeros(4, np.complex64).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"positions": [[0.0, 0.0]] * 2}, r"\(2, 2\) positions for 4 frames"),
+        ({"frames": 0}, "frames=0 is not"),
+        ({"dtype": "complex64"}, "is not a real number type"),
+        ({"dtype": "nonsense"}, "is not a real number type"),
+        ({"positions": [[0.0, float("nan")]] * 4}, "not all finite"),
+    ],
+)
+def test_a_scan_start_that_contradicts_itself_is_malformed(change, why):
+    with pytest.raises(MalformedRecord, match=why):
+        decode(start_header(**change), PROBE)
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"dtype": "float64"}, "dtype float64, the scan's is float32"),
+        ({"shape": [4, 1]}, r"shape \[4, 1\], the scan's is \(2, 2\)"),
+        ({"shape": "2x2"}, "shape '2x2'"),
+    ],
+)
+def test_a_frame_whose_header_disagrees_with_its_scan_is_malformed(change, why):
+    scan = decode(start_header(), PROBE)
+    meta = {"type": "frame", "scan_id": "s", "index": 1, "t": 0.0, "shape": [2, 2]}
+    meta.update({"dtype": "float32", **change})
+    with pytest.raises(MalformedRecord, match=why):
+        decode(json.dumps(meta).encode(), np.zeros(4, np.float32).tobytes(), scan)

@@ -130,6 +130,57 @@ def _offsets(header: dict) -> dict[int, int]:
     return {int(p): int(o) for p, o in header.get("offsets", {}).items()}
 
 
+FRAMES_MAX = 10_000_000
+
+
+def _consistent(start: ScanStart) -> ScanStart:
+    """``start`` if it agrees with itself; :class:`MalformedRecord` naming the first field that
+    does not (a scan that cannot finish must not be accepted)."""
+    why = None
+    if not 1 <= start.frames <= FRAMES_MAX:
+        why = f"frames={start.frames} is not 1..{FRAMES_MAX}"
+    elif len(start.shape) != 2 or min(start.shape) < 1:
+        why = f"frame shape {start.shape} is not two positive sizes"
+    elif start.positions.shape != (start.frames, 2):
+        why = (
+            f"{start.positions.shape} positions for {start.frames} frames, expected one (y, x) each"
+        )
+    elif not np.isfinite(start.positions).all():
+        why = "positions are not all finite numbers"
+    else:
+        try:
+            kind = np.dtype(start.dtype).kind
+        except TypeError:
+            kind = ""
+        if kind == "" or kind not in "fiu":
+            why = f"dtype {start.dtype!r} is not a real number type"
+    if why:
+        raise MalformedRecord(f"scan-start of scan {start.scan_id}: {why}")
+    return start
+
+
+def _matches_scan(meta: dict, index: int, scan: ScanStart) -> None:
+    """:class:`MalformedRecord` if a frame header's own dtype or shape is not its scan's."""
+    if "dtype" in meta:
+        try:
+            same = np.dtype(str(meta["dtype"])) == np.dtype(scan.dtype)
+        except TypeError:
+            same = False
+        if not same:
+            raise MalformedRecord(
+                f"frame {index}: dtype {meta['dtype']}, the scan's is {scan.dtype}"
+            )
+    if "shape" in meta:
+        try:
+            shape = tuple(int(v) for v in meta["shape"])
+        except (TypeError, ValueError):
+            shape = None
+        if shape != tuple(scan.shape):
+            raise MalformedRecord(
+                f"frame {index}: shape {meta['shape']!r}, the scan's is {tuple(scan.shape)}"
+            )
+
+
 def decode(header: bytes | None, payload: bytes | None, scan: ScanStart | None = None) -> Record:
     """The record in (header, payload); :class:`MalformedRecord` when it is not one, or when a
     frame does not fit ``scan`` (wrong scan id, index out of range, wrong size)."""
@@ -147,14 +198,16 @@ def decode(header: bytes | None, payload: bytes | None, scan: ScanStart | None =
             probe = np.frombuffer(payload, dtype=np.complex64)
             if probe.size != shape[0] * shape[1]:
                 raise MalformedRecord(f"scan {scan_id}: probe of {probe.size} values for {shape}")
-            return ScanStart(
-                scan_id,
-                int(meta["frames"]),
-                shape,
-                str(meta["dtype"]),
-                np.asarray(meta["positions"], dtype=np.float64),
-                probe.reshape(shape).copy(),
-                dict(meta.get("geometry", {})),
+            return _consistent(
+                ScanStart(
+                    scan_id,
+                    int(meta["frames"]),
+                    shape,
+                    str(meta["dtype"]),
+                    np.asarray(meta["positions"], dtype=np.float64),
+                    probe.reshape(shape).copy(),
+                    dict(meta.get("geometry", {})),
+                )
             )
         if kind == "scan-end":
             return ScanEnd(scan_id, float(meta.get("t", time.time())), _offsets(meta))
@@ -172,6 +225,7 @@ def decode(header: bytes | None, payload: bytes | None, scan: ScanStart | None =
             raise MalformedRecord(f"frame {index} of unknown scan {scan_id!r}")
         if not 0 <= index < scan.frames:
             raise MalformedRecord(f"frame index {index} outside 0..{scan.frames - 1}")
+        _matches_scan(meta, index, scan)
         if len(payload) != scan.frame_bytes():
             raise MalformedRecord(
                 f"frame {index}: {len(payload)} bytes, expected {scan.frame_bytes()}"
