@@ -117,7 +117,7 @@ def test_spawn_blocks_make_one_request_after_the_last():
     assert rank == 0 and request.size == 4 and request.appnums() == [0, 0, 1, 1]
     assert request.preput == {"PARENT_ROOT_PORT_NAME": "tag#0$"}
     assert request.commands[0].argv == ("a b=c",)
-    assert request.commands[0].info_value("wdir") == "/tmp"
+    assert dict(request.commands[0].info)["wdir"] == "/tmp"
 
 
 @pytest.mark.parametrize(

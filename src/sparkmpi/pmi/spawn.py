@@ -27,14 +27,6 @@ class SpawnCommand:
     argv: tuple[str, ...] = ()
     info: tuple[tuple[str, str], ...] = ()
 
-    def info_value(self, key: str) -> str | None:
-        """The value of info key ``key`` (the last one given), or None."""
-        found = None
-        for name, value in self.info:
-            if name == key:
-                found = value
-        return found
-
 
 @dataclass(frozen=True)
 class SpawnRequest:

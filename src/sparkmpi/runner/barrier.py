@@ -22,7 +22,7 @@ from sparkmpi.runner.hub import DriverHub, JobState, OutputSink, get_hub, print_
 from sparkmpi.runner.launcher import TaskSpec, barrier_task
 from sparkmpi.runner.resources import local_mode_resources
 from sparkmpi.runner.runtime import get_runtime
-from sparkmpi.runner.spawn_stage import PLACEMENTS, ExecutorSpawner
+from sparkmpi.runner.spawn_stage import ExecutorSpawner, check_placement
 
 KILL_GRACE_S = 5.0
 """How long a failed job waits for its tasks to confirm their ranks are dead."""
@@ -177,10 +177,7 @@ class BarrierJob:
             raise UnschedulableResourcesError(unschedulable)
         self.size = rdd.getNumPartitions()
         ensure_slots(self.sc, self.size, slot_wait)
-        placement = _setting(self.sc.getConf(), "spawn.placement") or "auto"
-        if placement not in PLACEMENTS:
-            choices = ", ".join(PLACEMENTS)
-            raise ValueError(f"spark.sparkmpi.spawn.placement={placement!r}: one of {choices}")
+        placement = check_placement(_setting(self.sc.getConf(), "spawn.placement"))
         self.hub = hub_for(self.sc, pmi_host)
         self.state: JobState = self.hub.create_job(self.size, output)
         spec = TaskSpec(

@@ -68,7 +68,7 @@ class JobState:
     hosts: dict[int, str] = field(default_factory=dict)
     gpus: dict[int, list[str]] = field(default_factory=dict)
     spawned_jobs: list[str] = field(default_factory=list)
-    spawn_answers: dict[int, Callable[[str | None], None]] = field(default_factory=dict)
+    spawn_answers: dict[int, SpawnAnswer] = field(default_factory=dict)
     spawner: Spawner | None = None
     parent: tuple[JobState, int] | None = None
     children: list[JobState] = field(default_factory=list)

@@ -28,7 +28,7 @@ from sparkmpi.pmix import HostFailed
 from sparkmpi.runner.frames import Kind, Parts, decode, encode, recv_parts, send, send_parts
 from sparkmpi.runner.proctree import become_subreaper, children_now, kill_tree
 from sparkmpi.runner.resources import gpu_env, task_gpus
-from sparkmpi.runner.runtime import get_runtime
+from sparkmpi.runner.runtime import MPIRuntime, get_runtime
 from sparkmpi.runner.spare import request_spare, spares_paused, take_spare
 from sparkmpi.runner.spawned import SpawnedProcesses, SpawnRefused, child_env
 
@@ -77,11 +77,9 @@ def barrier_task(spec: TaskSpec, rows: Iterable) -> Iterator:
     rank = ctx.partitionId()
     if ctx.attemptNumber() > 0:
         raise RankFailed(f"rank {rank}: MPI job {spec.job_id} is not retried after a failure")
-    runtime = get_runtime(spec.runtime)
     gpus = task_gpus(ctx)
     env = gpu_env(gpus, spec.env)
-    runtime_env = runtime.rank_env()
-    return iter(launch_rank(spec, rank, rows, {**runtime_env, **env}, runtime_env, gpus))
+    return iter(launch_rank(spec, rank, rows, env, get_runtime(spec.runtime), gpus))
 
 
 def connect_control(spec: TaskSpec, rank: int, host: str) -> socket.socket:
@@ -129,15 +127,17 @@ def launch_rank(
     rank: int,
     rows: Iterable,
     env: dict[str, str],
-    runtime_env: dict[str, str],
+    runtime: MPIRuntime,
     gpus: list[str] | None = None,
 ) -> list:
     """Runs rank ``rank`` to completion and returns what it produced (run mode).
 
-    ``env`` is added to the rank's environment, whether the rank is a fresh process or a
-    pre-started one; ``runtime_env`` (the MPI library's part of it) is what this worker's next
+    ``env`` and ``runtime``'s variables are added to the rank's environment, whether the rank
+    is a fresh process or a pre-started one; ``runtime``'s alone are what this worker's next
     pre-started interpreter is started with. ``gpus`` (the task's GPU addresses) are reported
     to the driver, which warns when ranks on one host share a GPU."""
+    runtime_env = runtime.rank_env()
+    env = {**runtime_env, **env}
     host = socket.gethostname()
     control = connect_control(spec, rank, host)
     try:
@@ -159,7 +159,6 @@ def launch_rank(
         SPARKMPI_RANK=str(rank),
     )
     try:
-        runtime = get_runtime(spec.runtime)
         rank_env, pmi_fds, pmix_host = runtime.connect_rank_env(
             pmi_sock.fileno(), rank, spec.size, rank_env
         )

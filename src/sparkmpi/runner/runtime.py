@@ -20,6 +20,19 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sparkmpi.pmix import PMIxHost
 
+PMI_VARIABLES = (
+    "PMI_PORT", "PMI_ID", "PMI_FD", "PMI_RANK", "PMI_SIZE", "PMI_DEBUG", "PMI_SPAWNED",
+)  # fmt: skip
+"""What MPICH's and Intel MPI's PMI-1 clients read; a process started without them must not
+inherit its starter's."""
+
+
+def pmi_env(pmi_fd: int, rank: int, size: int) -> dict[str, str]:
+    """The variables that make an MPICH or Intel MPI process use ``pmi_fd`` (a socket already
+    admitted to the job's PMI space) as ``rank`` of ``size``."""
+    return {"PMI_FD": str(pmi_fd), "PMI_RANK": str(rank), "PMI_SIZE": str(size)}
+
+
 DEFAULT_IMPI_PREFIX = "/opt/sparkmpi-impi"
 DEFAULT_OMPI_PREFIX = "/opt/sparkmpi-ompi"
 OMPI_VERSION = "5.0.11"
@@ -80,8 +93,7 @@ class MPIRuntime:
         host of its own (:mod:`sparkmpi.pmix`) that holds the socket, and the host's client
         environment. Raises :class:`sparkmpi.pmix.HostFailed` if that host cannot start."""
         if self.name != "openmpi":
-            pmi = {"PMI_FD": str(pmi_fd), "PMI_RANK": str(rank), "PMI_SIZE": str(size)}
-            return {**env, **pmi}, (pmi_fd,), None
+            return {**env, **pmi_env(pmi_fd, rank, size)}, (pmi_fd,), None
         from sparkmpi.pmix import start_host
 
         host, rank_env = start_host(pmi_fd, rank, size, self.prefix, env)
@@ -94,7 +106,7 @@ class MPIRuntime:
             "print(MPI.Get_library_version().strip().splitlines()[0])"
         )
         env = {**os.environ, **self.rank_env()}
-        for key in ("PMI_FD", "PMI_PORT", "PMI_ID", "PMI_RANK", "PMI_SIZE"):
+        for key in PMI_VARIABLES:
             env.pop(key, None)
         out = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60

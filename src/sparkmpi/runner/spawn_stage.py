@@ -35,6 +35,16 @@ _reserved = 0
 _reserved_lock = threading.Lock()
 
 
+def check_placement(placement: str | None) -> str:
+    """``placement`` (default ``auto``) if it is one of :data:`PLACEMENTS`; ValueError naming
+    them otherwise."""
+    placement = placement or "auto"
+    if placement not in PLACEMENTS:
+        choices = ", ".join(PLACEMENTS)
+        raise ValueError(f"spark.sparkmpi.spawn.placement={placement!r}: one of {choices}")
+    return placement
+
+
 def free_slots(sc) -> int:
     """Task slots of the cluster that no running task holds now."""
     from sparkmpi.runner.barrier import task_slots
@@ -51,11 +61,6 @@ class ExecutorSpawner:
     """The driver's side: decides where a spawn runs and runs the stage when on executors."""
 
     def __init__(self, sc, hub: DriverHub, spec: TaskSpec, placement: str = "auto"):
-        if placement not in PLACEMENTS:
-            raise ValueError(
-                f"spark.sparkmpi.spawn.placement={placement!r}: choose one of "
-                f"{', '.join(PLACEMENTS)}"
-            )
         self.sc, self.hub, self.spec, self.placement = sc, hub, spec, placement
 
     def wants(self, size: int) -> bool:
@@ -192,4 +197,4 @@ def _from_driver(control: socket.socket, rank: int) -> None:
         raise RankAborted(f"spawned process {rank} killed: {decode(parts)}")
 
 
-__all__ = ["PLACEMENTS", "ExecutorSpawner", "free_slots", "spawned_task"]
+__all__ = ["PLACEMENTS", "ExecutorSpawner", "check_placement", "free_slots", "spawned_task"]

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparkmpi.pmi import PMIAuthError, ServerUnreachable, connect_rank
+from sparkmpi.runner.runtime import PMI_VARIABLES, pmi_env
 
-PMI_VARIABLES = ("PMI_PORT", "PMI_ID", "PMI_FD", "PMI_RANK", "PMI_SIZE", "PMI_DEBUG", "PMI_SPAWNED")
 STDERR_TAIL_LINES = 20
 DRAIN_S = 2.0
 
@@ -142,12 +142,7 @@ class SpawnedProcesses:
             pmi, request["job_id"], request["secret"], rank, host, timeout, connect_timeout=timeout
         )
         env = child_env(self.env)
-        env.update(
-            PMI_FD=str(sock.fileno()),
-            PMI_RANK=str(rank),
-            PMI_SIZE=str(request["size"]),
-            PMI_SPAWNED="1",
-        )
+        env.update(pmi_env(sock.fileno(), rank, request["size"]), PMI_SPAWNED="1")
         try:
             proc = subprocess.Popen(
                 argv,
