@@ -76,7 +76,7 @@ def _bench(name: str):
 
 def _run_app(args: argparse.Namespace) -> int:
     """Runs an app command; bad input or a failed job ends in one line on stderr, status 1."""
-    from sparkmpi.apps.files import InputFileError
+    from sparkmpi.files import InputFileError
     from sparkmpi.runner import MPIJobError
 
     try:

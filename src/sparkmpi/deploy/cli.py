@@ -133,8 +133,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_slurm_script(args: argparse.Namespace) -> int:
-    from sparkmpi.apps.files import atomic_output
     from sparkmpi.deploy.slurm import sbatch_script
+    from sparkmpi.files import atomic_output
 
     if not Path(args.app).is_file():
         raise FileNotFoundError(f"{args.app}: no such application file")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparkmpi.apps.files import atomic_output
+from sparkmpi.files import atomic_output
 from sparkmpi.streaming.endpoints import open_source
 from sparkmpi.streaming.protocol import MalformedRecord, check_scan_id
 from sparkmpi.streaming.rankstep import app_class, rank_step

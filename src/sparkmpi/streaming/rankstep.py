@@ -53,7 +53,7 @@ def _materialize(work, scan: ScanStart):
 
 
 def _save(frames: list[Frame], path: str) -> None:
-    from sparkmpi.apps.files import atomic_output
+    from sparkmpi.files import atomic_output
 
     with atomic_output(path) as tmp:
         np.savez(

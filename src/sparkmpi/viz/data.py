@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparkmpi.apps.files import InputFileError, reason
+from sparkmpi.files import InputFileError, reason
 
 VOLUME_SUFFIXES = (".h5", ".hdf5", ".npy", ".tif", ".tiff", ".vti")
 

@@ -21,8 +21,8 @@ import os
 
 import numpy as np
 
-from sparkmpi.apps.files import InputFileError, atomic_output, reason
 from sparkmpi.apps.ptycho.scan import Scan, object_pixel_m
+from sparkmpi.files import InputFileError, atomic_output, reason
 
 ELECTRON_VOLT_J = 1.602176634e-19
 DETECTOR = "/entry_1/instrument_1/detector_1"

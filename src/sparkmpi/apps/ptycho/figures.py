@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from sparkmpi.apps.files import atomic_output
+from sparkmpi.files import atomic_output
 
 
 def illuminated_object(obj: np.ndarray, illumination: np.ndarray):

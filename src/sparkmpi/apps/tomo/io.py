@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparkmpi.apps.files import InputFileError, atomic_output, reason
+from sparkmpi.files import InputFileError, atomic_output, reason
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")

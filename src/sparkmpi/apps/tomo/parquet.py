@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sparkmpi.apps.files import atomic_output, reason
 from sparkmpi.apps.tomo.io import TiltSeries, TomoInputError
+from sparkmpi.files import atomic_output, reason
 
 METADATA_KEY = b"sparkmpi.tomo"
 MAX_ROWS_PER_GROUP = 16

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparkmpi.apps.files import atomic_output
+from sparkmpi.files import atomic_output
 
 FORMATS = (".h5", ".hdf5", ".npy", ".tif", ".tiff", ".vti")
 _VTI_START = b'<AppendedData encoding="raw">'

@@ -1,4 +1,5 @@
-"""File plumbing shared by the apps: one-line input errors and all-or-nothing writes."""
+"""File plumbing shared by every layer: one-line input errors and all-or-nothing, durable
+writes."""
 
 from __future__ import annotations
 
@@ -21,12 +22,23 @@ def reason(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flushes ``path`` (a file or a directory) to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside ``path`` (parents created) to write to.
 
-    On a clean exit the temporary file replaces ``path`` in one rename; on an exception it is
-    removed and ``path`` is untouched, so a failed write leaves no partial or stray file.
+    On a clean exit the temporary file is flushed to disk and replaces ``path`` in one
+    rename, and the directory is flushed too, so once this returns ``path`` holds the new
+    content even after a power loss. On an exception the temporary file is removed and
+    ``path`` is untouched, so a failed write leaves no partial or stray file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,7 +46,9 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
