@@ -149,3 +149,34 @@ def test_bad_scan_file_fails_the_command_in_one_line(tmp_path):
     done = spark_mpi("ptycho", "reconstruct", str(bad), str(out), timeout=120)
     assert done.returncode == 1 and not out.exists()
     assert done.stderr.count("\n") == 1 and "broken.cxi" in done.stderr
+
+
+@pytest.mark.parametrize("backend", ["cpu", "numpy"])
+def test_frames_added_later_leave_the_earlier_frames_raar_state_alone(small_scan, backend):
+    from sparkmpi.apps.ptycho.solver import Solver
+
+    amp, corners = amplitudes(small_scan.intensities), small_scan.pixel_positions()
+    solver = Solver(small_scan.object_shape(), small_scan.probe, SolverSettings(backend=backend))
+    solver.add_frames(amp[:32], corners[:32])
+    solver.iterate(3)
+    held = solver.backend
+    before = (np.array(held.psi[:32]), np.array(held.w[:32]))
+    solver.add_frames(amp[32:], corners[32:])  # a streaming batch
+    assert not np.array_equal(before[0], before[1])  # w is RAAR's own state, not ψ
+    np.testing.assert_array_equal(np.array(held.psi[:32]), before[0])
+    np.testing.assert_array_equal(np.array(held.w[:32]), before[1])
+
+
+def test_a_restored_solver_goes_on_where_the_result_was(small_scan):
+    from sparkmpi.apps.ptycho.solver import Solver
+
+    amp, corners = amplitudes(small_scan.intensities), small_scan.pixel_positions()
+    first = Solver(small_scan.object_shape(), small_scan.probe)
+    first.add_frames(amp, corners)
+    done = first.iterate(30)
+    again = Solver(small_scan.object_shape(), small_scan.probe)
+    again.restore(done.object, done.probe, done.errors)
+    again.add_frames(amp, corners)  # exit waves start from the restored object and probe
+    assert again.iterate(1).errors[-1] < 2 * done.errors[-1] < done.errors[0] / 10
+    with pytest.raises(ValueError, match="cannot restore an object"):
+        again.restore(done.object[:-1], done.probe, [])

@@ -40,17 +40,21 @@ class CPUBackend:
 
     def add(self, amp, pos, probe, obj) -> None:
         """Adds frames whose exit waves start as P·O_j (for RAAR also w_j = P·O_j, which
-        makes their first update the identity, as for a fresh start)."""
+        makes their first update the identity, as for a fresh start); the frames already
+        held keep their ψ and w."""
         amp = np.ascontiguousarray(amp, dtype=np.float32)
         pos = np.ascontiguousarray(pos, dtype=np.int64)
         waves = np.empty(amp.shape, dtype=np.complex64)
         kernels.exit_waves(_c64(probe), _c64(obj), pos, waves)
+        fresh = waves.copy() if self.algorithm == "raar" else None
         if len(self.amp):
             amp = np.concatenate([self.amp, amp])
             pos = np.concatenate([self.pos, pos])
             waves = np.concatenate([self.psi, waves])
+            if fresh is not None:
+                fresh = np.concatenate([self.w, fresh])  # earlier frames keep their state
         self.amp, self.pos, self.psi = amp, pos, waves
-        self.w = self.psi.copy() if self.algorithm == "raar" else self.psi
+        self.w = self.psi if fresh is None else fresh
         self.buf = np.empty((min(self.chunk, max(len(amp), 1)), *amp.shape[1:]), np.complex64)
 
     def fourier_pass(self, probe, obj, beta: float) -> tuple[np.ndarray, float]:
@@ -116,12 +120,14 @@ class StackBackend:
         geometry = ops.geometry(np.asarray(pos, dtype=np.int64), self.n, self.obj_shape[1])
         amp = xp.asarray(np.ascontiguousarray(amp, dtype=np.float32))
         waves = ops.exit_waves(self.asarray(probe), self.asarray(obj), geometry)
+        fresh = waves.copy() if self.algorithm == "raar" else None
         if self.amp is not None:
             amp = xp.concatenate([self.amp, amp])
             waves = xp.concatenate([self.psi, waves])
+            if fresh is not None:
+                fresh = xp.concatenate([self.w, fresh])  # earlier frames keep their state
         self.geometry = ops.geometry(self.pos, self.n, self.obj_shape[1])
-        self.amp, self.psi = amp, waves
-        self.w = self.psi.copy() if self.algorithm == "raar" else None
+        self.amp, self.psi, self.w = amp, waves, fresh
         self.buf = xp.empty_like(self.psi)
 
     def asarray(self, a):

@@ -117,6 +117,18 @@ class Solver:
         self._power += float(np.sum(amplitudes.astype(np.float64) ** 2))
         self.frames += len(amplitudes)
 
+    def restore(self, obj, probe, errors: list[float]) -> None:
+        """Continues from an earlier result, before frames are added: its object, probe and
+        error history (so iteration counts, and when probe refinement starts, carry on)."""
+        if np.shape(obj) != self.object_shape or np.shape(probe) != tuple(self.probe.shape):
+            raise ValueError(
+                f"cannot restore an object {np.shape(obj)} and probe {np.shape(probe)} into "
+                f"a solver of {self.object_shape} and {tuple(self.probe.shape)}"
+            )
+        self.object = self.xp.array(np.asarray(obj, dtype=np.complex64))
+        self.probe = self.xp.array(np.asarray(probe, dtype=np.complex64))
+        self._errors = [float(e) for e in errors]
+
     def iterate(
         self, iterations: int, progress: Callable[[int, float], None] | None = None
     ) -> Reconstruction:
