@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from sparkmpi.apps.ptycho.streaming import PtychoStream, produce
 from sparkmpi.streaming.driver import scan_dir
-from sparkmpi.streaming.producer import produce
 from sparkmpi.streaming.protocol import MalformedRecord, check_scan_id, decode
 
 BAD_IDS = ["../x", "../../etc", "/abs/path", "a b", "..", ".", "", "x" * 129, "sc\u00e4n", "a/b"]
@@ -52,27 +52,58 @@ def test_the_producer_refuses_a_bad_scan_id_before_sending_anything():
 
 def start_header(**change) -> bytes:
     meta = {"type": "scan-start", "scan_id": "s", "frames": 4, "shape": [2, 2]}
-    meta.update(dtype="float32", positions=[[0.0, 0.0]] * 4, geometry={})
+    positions = [[0.0, 0.0], [0.0, 1.5], [1.5, 0.0], [1.5, 1.5]]
+    geometry = {"energy_ev": 8000.0, "distance_m": 1.0, "pixel_size_m": 5.5e-5}
+    meta.update(dtype="float32", positions=positions, geometry=geometry)
     meta.update(change)
     return json.dumps(meta).encode()
 
 
-PROBE = np.zeros(4, np.complex64).tobytes()
+PROBE = np.ones(4, np.complex64).tobytes()
 
 
 @pytest.mark.parametrize(
     ("change", "why"),
     [
-        ({"positions": [[0.0, 0.0]] * 2}, r"\(2, 2\) positions for 4 frames"),
         ({"frames": 0}, "frames=0 is not"),
+        ({"shape": [0, 2]}, "is not two positive sizes"),
         ({"dtype": "complex64"}, "is not a real number type"),
         ({"dtype": "nonsense"}, "is not a real number type"),
-        ({"positions": [[0.0, float("nan")]] * 4}, "not all finite"),
     ],
 )
 def test_a_scan_start_that_contradicts_itself_is_malformed(change, why):
     with pytest.raises(MalformedRecord, match=why):
         decode(start_header(**change), PROBE)
+
+
+@pytest.mark.parametrize(
+    ("change", "probe", "why"),
+    [
+        ({"positions": [[0.0, 0.0]] * 2}, PROBE, r"\(2, 2\) positions for 4 frames"),
+        ({"positions": [[0.0, float("nan")]] * 4}, PROBE, "not all finite"),
+        ({"positions": "here"}, PROBE, r"not a list of \[row, col\] numbers"),
+        ({"positions": [[0, 0], [0, 1e-6], [1e-6, 0], [1e-6, 1e-6]]}, PROBE, "not metres"),
+        ({"positions": [[0, 0], [0, 1e9], [1e9, 0], [1, 1]]}, PROBE, "more than 268435456"),
+        ({"positions": [[3e4, 3e4], [3e4, 3e4 + 2], [3e4 + 2, 3e4], [3e4, 3e4]]}, PROBE, "more"),
+        ({"geometry": {"energy_ev": True, "distance_m": 1, "pixel_size_m": 1}}, PROBE, "True"),
+        ({"geometry": {}}, PROBE, "geometry energy_ev is None"),
+        ({"geometry": {"energy_ev": 8e3, "distance_m": -1, "pixel_size_m": 1}}, PROBE, "distance"),
+        ({}, np.zeros(4, np.complex64).tobytes(), "the probe is zero"),
+        ({}, np.ones(3, np.complex64).tobytes(), "probe of 3 complex64 values"),
+        ({"shape": [2, 4]}, PROBE, "needs square frames"),
+    ],
+)
+def test_an_implausible_ptychography_scan_start_is_refused_with_one_line(change, probe, why):
+    start = decode(start_header(**change), probe)  # the streaming layer accepts it
+    with pytest.raises(MalformedRecord, match=why) as refused:
+        PtychoStream.check_start(start)
+    assert "\n" not in str(refused.value) and str(refused.value).startswith("scan-start of scan s")
+
+
+def test_a_plausible_scan_start_passes_the_app_check():
+    start = decode(start_header(), PROBE)
+    PtychoStream.check_start(start)
+    assert start.params["geometry"]["energy_ev"] == 8000.0
 
 
 @pytest.mark.parametrize(
@@ -89,3 +120,18 @@ def test_a_frame_whose_header_disagrees_with_its_scan_is_malformed(change, why):
     meta.update({"dtype": "float32", **change})
     with pytest.raises(MalformedRecord, match=why):
         decode(json.dumps(meta).encode(), np.zeros(4, np.float32).tobytes(), scan)
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"type": "frame", "scan_id": "s", "index": 0, "t": "noon"},
+        {"type": "frame", "scan_id": "s", "index": 0, "t": None},
+        {"type": "frame", "scan_id": "s", "index": 0, "dtype": "no-such-type"},
+        {"type": "progress", "scan_id": "s", "offsets": [1, 2]},
+        {"type": "scan-end", "scan_id": "s", "offsets": "all"},
+    ],
+)
+def test_odd_field_values_are_malformed_records_not_crashes(meta):
+    with pytest.raises(MalformedRecord, match="bad"):
+        decode(json.dumps(meta).encode(), np.zeros(4, np.float32).tobytes())

@@ -17,11 +17,11 @@ from helpers import spark_mpi
 from sparkmpi.apps.ptycho.pipeline import reconstruct
 from sparkmpi.apps.ptycho.simulate import simulate
 from sparkmpi.apps.ptycho.solver import SolverSettings, phase_error
+from sparkmpi.apps.ptycho.streaming import produce, start_record
 from sparkmpi.deploy.ports import free_port
 from sparkmpi.streaming.broker import TansuBroker
 from sparkmpi.streaming.driver import StreamDriver, StreamSettings
 from sparkmpi.streaming.endpoints import open_sink
-from sparkmpi.streaming.producer import produce, scan_start
 from sparkmpi.streaming.protocol import Frame, ScanEnd, encode
 
 FAST = StreamSettings(batch_interval=0.5, iterations_per_batch=5, final_iterations=40)
@@ -90,7 +90,7 @@ def send_with_garbage(scan, scan_id="garbage-scan"):
     def send(url):
         sink = open_sink(url)
         try:
-            sink.send(scan_start(scan, scan_id))
+            sink.send(start_record(scan, scan_id))
             for index, frame in enumerate(scan.intensities):
                 sink.send(Frame(scan_id, index, frame, time.time()))
                 if index == 10:
@@ -140,7 +140,7 @@ def test_lost_broker_connection_is_retried_with_backoff(spark, scan, tmp_path):
         result = {}
         runner = threading.Thread(target=lambda: result.update(summary=driver.run_scan(60)))
         sink = open_sink(url)
-        sink.send(scan_start(scan, "lost-scan"))
+        sink.send(start_record(scan, "lost-scan"))
         runner.start()
         for index in range(20):
             sink.send(Frame("lost-scan", index, scan.intensities[index], time.time()))
@@ -181,7 +181,7 @@ def test_driver_killed_mid_scan_resumes_and_uses_every_frame_once(broker, scan, 
     sink, drivers = open_sink(url), []
     try:
         drivers.append(first := driver("first.log"))
-        sink.send(scan_start(scan, scan_id))
+        sink.send(start_record(scan, scan_id))
         send_frames(sink, scan, scan_id, range(half))  # the rest only once the driver is dead
         sink.flush()  # the driver learns how far the scan got from the published progress
         state = out / scan_id / "checkpoint" / "state.json"
@@ -206,9 +206,10 @@ def test_driver_killed_mid_scan_resumes_and_uses_every_frame_once(broker, scan, 
     text = (tmp_path / "second.log").read_text()
     assert "resuming after batch" in text
     with h5py.File(out / "restart-scan" / "final.h5") as f:
-        frames = list(f["frames"][()])
+        applied = list(f["applied"][()])  # counted by the ranks as they gave frames to the app
         summary = json.loads(f.attrs["summary"])
-    assert frames == list(range(96)) and summary["frames_used"] == 96
+    assert applied == [1] * 96 and summary["frames_used"] == 96
+    assert summary["frames_applied_twice"] == 0
 
 
 def test_the_demo_commands_with_zeromq(tmp_path):
@@ -232,6 +233,52 @@ def test_the_demo_commands_with_zeromq(tmp_path):
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
     text = (tmp_path / "run.log").read_text()
-    assert "32 frames used once, 0 missing" in text
+    assert "32 frames used, 0 missing, 0 applied twice" in text
     (final,) = out.glob("*/final.png")
     assert final.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("transport", ["kafka", "zmq"])
+def test_scans_that_cannot_finish_never_block_the_next(spark, broker, scan, tmp_path, transport):
+    url = url_for(transport, broker, f"stuck-{transport}")
+    settings = StreamSettings(0.5, 5, 40, idle_timeout=2.0)
+    bad = start_record(scan, "contradicts")
+    bad.params["positions"] = bad.params["positions"][:2]  # 2 positions for 96 frames
+    log = Log()
+    with StreamDriver(spark, url, tmp_path / "out", settings, log=log) as driver:
+        sink = open_sink(url)
+        try:
+            sink.send(bad)
+            sink.send(start_record(scan, "stuck"))  # its producer dies after 5 frames
+            send_frames(sink, scan, "stuck", range(5))
+            if transport == "kafka":
+                sink.flush()  # publishes how far stuck's frames got
+            sink.send(start_record(scan, "next"))
+            send_frames(sink, scan, "next", range(96))
+            sink.send(ScanEnd("next", time.time()))
+            if transport == "kafka":
+                sink.flush()
+            stuck = driver.run_scan(timeout=60)
+            following = driver.run_scan(timeout=60)
+        finally:
+            sink.close()
+    text = "\n".join(log)
+    assert "skipped a scan: scan-start of scan contradicts: (2, 2) positions for 96" in text
+    assert stuck["scan_id"] == "stuck" and stuck["incomplete"] and stuck["frames_used"] == 5
+    assert "scan stuck closed as incomplete (idle): 5 frames used, 91 missing" in text
+    with h5py.File(tmp_path / "out" / "stuck" / "final.h5") as f:
+        assert json.loads(f.attrs["summary"])["incomplete"] is True
+    assert following["scan_id"] == "next" and not following["incomplete"]
+    assert following["frames_used"] == 96 and following["frames_applied_twice"] == 0
+    if transport == "kafka":  # a new driver, fresh output: finished scans are not replayed
+        with StreamDriver(spark, url, tmp_path / "again", settings, log=log) as driver:
+            sink = open_sink(url)
+            try:
+                sink.send(start_record(scan, "third"))
+                send_frames(sink, scan, "third", range(96))
+                sink.send(ScanEnd("third", time.time()))
+                sink.flush()
+                third = driver.run_scan(timeout=60)
+            finally:
+                sink.close()
+        assert third["scan_id"] == "third" and third["frames_used"] == 96

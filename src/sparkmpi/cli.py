@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--iterations", type=int, default=10, help="iterations per batch (10)")
     stream.add_argument("--final-iterations", type=int, default=50, help="after the scan (50)")
     stream.add_argument("--quick", action="store_true", help="64 frames of 64² at 40 Hz")
+    stream.add_argument(
+        "--faults", action="store_true", help="inject faults; lost/twice/recovery/error table"
+    )
     stream.add_argument("--master", help="Spark master URL (default local mode)")
     stream.add_argument("--json", help="write the figures as JSON here")
     stream.add_argument("--plot", help="write a PNG plot here")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import time
 
 
@@ -22,6 +23,37 @@ def _seconds(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text}: must be a positive duration like 2s or 500ms")
     return value
+
+
+def _access(args: argparse.Namespace):
+    from sparkmpi.streaming.access import StreamAccess
+
+    return StreamAccess.load(args.kafka_config, args.zmq_keys)
+
+
+def _add_access_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kafka-config",
+        metavar="FILE",
+        help="librdkafka settings (key=value lines) for every Kafka client, e.g. TLS or SASL",
+    )
+    parser.add_argument(
+        "--zmq-keys", metavar="DIR", help="ZeroMQ CURVE keys (made by: spark-mpi stream keys DIR)"
+    )
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from sparkmpi.streaming.access import make_keys
+
+    for path in make_keys(args.dir, args.producer):
+        print(path)
+    if args.producer:
+        print(f"give {args.dir}/producers/{args.producer} to that producer as its --zmq-keys;")
+        print("restart the driver to accept the new key")
+    else:
+        print(f"driver: --zmq-keys {args.dir}; a producer needs server.key, client.key and")
+        print("client.key_secret only (never server.key_secret)")
+    return 0
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -43,10 +75,11 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 def cmd_produce(args: argparse.Namespace) -> int:
     from sparkmpi.apps.ptycho.cxi import read_cxi
-    from sparkmpi.streaming.producer import produce
+    from sparkmpi.apps.ptycho.streaming import produce
 
+    access = _access(args)
     scan = read_cxi(args.scan)
-    done = produce(scan, args.to, args.rate, args.scan_id, log=print)
+    done = produce(scan, args.to, args.rate, args.scan_id, log=print, access=access)
     span = done["last"] - done["first"]
     print(f"scan {done['scan_id']}: {done['frames']} frames sent to {args.to} in {span:.1f} s")
     return 0
@@ -55,13 +88,20 @@ def cmd_produce(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from sparkmpi.apps.ptycho.solver import SolverSettings
     from sparkmpi.runner.context import spark_session
-    from sparkmpi.streaming.driver import StreamDriver, StreamSettings
+    from sparkmpi.streaming.driver import StreamDriver, StreamFailed, StreamSettings
     from sparkmpi.streaming.endpoints import check
 
     settings = StreamSettings(
-        args.batch_interval, args.iterations, args.final_iterations, args.ranks
+        args.batch_interval,
+        args.iterations,
+        args.final_iterations,
+        args.ranks,
+        batch_timeout=args.batch_timeout,
+        max_recoveries=args.max_recoveries,
+        idle_timeout=args.idle_timeout,
     )
-    check(args.source)  # before Spark starts, so a bad source is one clear line
+    access = _access(args)
+    check(args.source, access)  # before Spark starts, so a bad source is one clear line
     _exit_on_sigterm()
     spark = spark_session(args.master, cores=args.ranks, app_name="spark-mpi stream")
     try:
@@ -73,6 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             app=args.app,
             app_settings=SolverSettings(args.algorithm),
             log=lambda line: print(line, flush=True),
+            access=access,
         ) as driver:
             for _ in range(args.scans):
                 summary = driver.run_scan(timeout=args.wait)
@@ -83,6 +124,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("stopped", flush=True)
         return 130
+    except StreamFailed as exc:
+        print(f"spark-mpi stream run: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
         spark.stop()
     return 0
@@ -103,6 +147,7 @@ def add_commands(sub) -> None:
     produce.add_argument("--to", required=True, help="kafka://HOST:PORT/TOPIC or zmq://HOST:PORT")
     produce.add_argument("--rate", type=float, default=20.0, help="frames per second (20; 0: max)")
     produce.add_argument("--scan-id", help="scan id (default: random)")
+    _add_access_options(produce)
     produce.set_defaults(func=cmd_produce)
 
     run = stream_sub.add_parser("run", help="the micro-batch pipeline into MPI ranks")
@@ -116,5 +161,25 @@ def add_commands(sub) -> None:
     run.add_argument("--ranks", type=int, default=2)
     run.add_argument("--scans", type=int, default=1, help="scans to process before exiting")
     run.add_argument("--wait", type=float, default=600.0, help="seconds to wait for a scan")
+    run.add_argument(
+        "--batch-timeout", type=_seconds, help="deadline of one batch (30 intervals, >= 60s)"
+    )
+    run.add_argument(
+        "--max-recoveries", type=int, default=3, help="failed batches in a row to recover from"
+    )
+    run.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        default=300.0,
+        help="close a scan as incomplete after this long without frames or scan-end (300s)",
+    )
     run.add_argument("--master", help="Spark master URL (default local[RANKS])")
+    _add_access_options(run)
     run.set_defaults(func=cmd_run)
+
+    keys = stream_sub.add_parser("keys", help="make ZeroMQ CURVE keys for --zmq-keys")
+    keys.add_argument("dir", help="directory to create (mode 0700)")
+    keys.add_argument(
+        "--producer", metavar="NAME", help="add keys for one more producer to an existing DIR"
+    )
+    keys.set_defaults(func=cmd_keys)

@@ -1,12 +1,17 @@
 """The micro-batch driver: every batch interval, the frames that arrived become one call into a
-persistent MPI session; the result is made durable, then the offsets are committed, then the
-result is published. After the scan-end record the final iterations run and the final result
-is published.
+persistent MPI session; the result is made durable, then the source position is committed,
+then the result is published. After the scan-end record (or when the scan has been idle too
+long) the final iterations run and the final result is published.
 
-Exactly once: ranks drop frames they have seen; a batch's new frames are written (by the
-ranks) and its result (by the driver) before its offsets are committed, and ``state.json``
-lists only committed batches. A driver that dies and restarts re-reads from the committed
-offsets, reloads the committed frames into the new ranks, and drops what it re-reads twice.
+Exactly once: each frame goes to the rank that owns its index, which gives it to the app only
+if it does not hold it yet, and counts what it gave; the driver sums those counts into every
+result file (``applied``), so a frame lost or applied twice shows there. A batch's new frames
+(written by the ranks) and its result (by the driver) are durable before ``state.json``
+names them and before the Kafka offsets are committed.
+
+Self-healing: a batch that fails (a rank dies or is lost) or misses its deadline ends the MPI
+session; a new one starts from the last durable checkpoint (frames, solver result, source
+position), up to ``max_recoveries`` times in a row; only then does the run fail.
 """
 
 from __future__ import annotations
@@ -22,19 +27,38 @@ from pathlib import Path
 import numpy as np
 
 from sparkmpi.files import atomic_output
+from sparkmpi.runner.errors import MPIJobError
+from sparkmpi.streaming.app import app_class
+from sparkmpi.streaming.checkpoint import Checkpoint, unfinished_scans
 from sparkmpi.streaming.endpoints import open_source
 from sparkmpi.streaming.protocol import MalformedRecord, check_scan_id
-from sparkmpi.streaming.rankstep import app_class, rank_step
+from sparkmpi.streaming.rankstep import rank_step
 
 
 @dataclass(frozen=True)
 class StreamSettings:
-    """Micro-batch interval (s), solver iterations per batch and after the scan, ranks."""
+    """Micro-batch interval (s), solver iterations per batch and after the scan, ranks; the
+    deadline of one batch (s; None: 30 batch intervals, at least 60 s; the final step gets it
+    in proportion to its iterations), failed batches in a row a run recovers from, and how
+    long a scan may go without new frames and without its scan-end before it is closed as
+    incomplete (s)."""
 
     batch_interval: float = 2.0
     iterations_per_batch: int = 10
     final_iterations: int = 50
     ranks: int = 2
+    batch_timeout: float | None = None
+    max_recoveries: int = 3
+    idle_timeout: float = 300.0
+
+    def deadline(self, iterations: int) -> float:
+        """Seconds a step of ``iterations`` iterations may take."""
+        base = self.batch_timeout or max(60.0, 30 * self.batch_interval)
+        return base * max(1.0, iterations / max(self.iterations_per_batch, 1))
+
+
+class StreamFailed(RuntimeError):
+    """A scan could not go on: recoveries exhausted; the message is one line."""
 
 
 def _write_h5(path: Path, result: dict, summary: dict) -> None:
@@ -44,11 +68,6 @@ def _write_h5(path: Path, result: dict, summary: dict) -> None:
         for key, value in result.items():
             f[key] = np.asarray(value)
         f.attrs["summary"] = json.dumps(summary)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(data))
 
 
 class StreamDriver:
@@ -64,6 +83,7 @@ class StreamDriver:
         app: str = "ptycho",
         app_settings=None,
         log=print,
+        access=None,
     ):
         self.spark, self.url, self.app = spark, source_url, app
         self.out_dir = Path(out_dir)
@@ -71,8 +91,8 @@ class StreamDriver:
         self.app_settings = app_settings
         self.log = log
         self._refused_scans: set[str] = set()
-        app_class(app)  # unknown app: fail before connecting
-        self.source = open_source(source_url, log=log)
+        self.app_class = app_class(app)  # unknown app: fail before connecting
+        self.source = open_source(source_url, log=log, access=access)
         self.session = None
         self.stopping = threading.Event()
         self.history: list[dict] = []  # the current scan's batch summaries
@@ -86,32 +106,53 @@ class StreamDriver:
             return set()
         return {d.name for d in self.out_dir.iterdir() if (d / "final.h5").exists()}
 
+    def _accept(self, scan) -> Path:
+        """The scan's directory; :class:`MalformedRecord` if the scan must be skipped."""
+        self.app_class.check_start(scan)
+        return scan_dir(self.out_dir, scan.scan_id)
+
     def run_scan(self, timeout: float | None = None) -> dict | None:
         """Waits (up to ``timeout`` s) for a scan not finished yet, streams it to its final
         result and returns the final summary (None if no scan started)."""
-        from sparkmpi.runner import MPISession
-
         while True:
             skip = self._finished_scans() | self._refused_scans
-            scan = self.source.wait_for_scan(timeout, skip=skip)
+            saved = unfinished_scans(self.out_dir, skip)
+            if saved:
+                scan = saved[0]
+                self.source.resume(scan)
+            else:
+                scan = self.source.wait_for_scan(timeout, skip=skip)
             if scan is None:
                 return None
             try:
-                directory = scan_dir(self.out_dir, scan.scan_id)
+                directory = self._accept(scan)
                 break
             except MalformedRecord as exc:
                 self.log(f"skipped a scan: {exc}")
                 self._refused_scans.add(scan.scan_id)
+                self.source.finished(scan.scan_id)
         self.log(f"scan {scan.scan_id}: {scan.frames} frames of {scan.shape}, streaming")
+        self.history = []
+        summary = _ScanRun(self, scan, directory).run()
+        if summary is not None:
+            self.source.finished(scan.scan_id)
+        return summary
+
+    def start_session(self) -> None:
+        """Starts the MPI session if there is none (MPIJobError if it cannot start)."""
+        from sparkmpi.runner import MPISession
+
         if self.session is None:
             self.session = MPISession(self.spark, self.settings.ranks)
-        self.history = []
-        return _ScanRun(self, scan, directory).run()
+
+    def end_session(self) -> None:
+        """Ends the MPI session, if any: every rank process is stopped."""
+        if self.session is not None:
+            session, self.session = self.session, None
+            session.close()
 
     def close(self) -> None:
-        if self.session is not None:
-            self.session.close()
-            self.session = None
+        self.end_session()
         self.source.close()
 
     def __enter__(self) -> StreamDriver:
@@ -131,46 +172,52 @@ def scan_dir(out_dir: Path, scan_id: str) -> Path:
     return path
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 class _ScanRun:
     """The batches of one scan."""
 
     def __init__(self, driver: StreamDriver, scan, directory: Path):
         self.d, self.scan = driver, scan
         self.dir = directory
-        self.frames_dir = self.dir / "checkpoint" / "frames"
-        self.frames_dir.mkdir(parents=True, exist_ok=True)
-        self.state_path = self.dir / "checkpoint" / "state.json"
-        self.state = {
-            "batch": 0,
-            "frames_files": [],
-            "used": [],
-            "dropped_duplicates": 0,
-            "malformed": 0,
-            "offsets": {},
-        }
-        self.restore: list[list] = [[] for _ in range(driver.settings.ranks)]
-        if self.state_path.exists():
-            self.state = json.loads(self.state_path.read_text())
-            for i, path in enumerate(self.state["frames_files"]):
-                rank = int(Path(path).stem.rsplit("-r", 1)[1]) if "-r" in path else i
-                self.restore[rank % driver.settings.ranks].append(path)
-            driver.log(
-                f"scan {scan.scan_id}: resuming after batch {self.state['batch']} with "
-                f"{len(self.state['used'])} frames from the checkpoint"
-            )
-        self.used = set(self.state["used"])
+        self.ckpt = Checkpoint(directory)
+        self.ckpt.save_start(scan)
+        self.applied = np.zeros(scan.frames, dtype=np.int64)
+        self.failures = 0
         self.last_produced = 0.0
+        self._resume()
+        if self.ckpt.resumed:
+            state = self.ckpt.state
+            driver.log(
+                f"scan {scan.scan_id}: resuming after batch {state['batch']} with "
+                f"{len(state['used'])} frames from the checkpoint"
+            )
 
-    def _step(self, work: list[list], iterations: int, items: list) -> dict:
+    def _resume(self) -> None:
+        """Points the next batch at the last durable checkpoint: its frames go to the ranks
+        again, its result seeds the solver, the source reads on from its position."""
+        self.ckpt.discard_unlisted()
+        self.restore = self.ckpt.restore_work(self.d.settings.ranks)
+        self.restore_result = self.ckpt.state["result"]
+        self.d.source.seek(self.ckpt.state["position"])
+
+    def _step(self, work: list[list], iterations: int) -> dict:
         step = {
-            "batch": self.state["batch"] + 1,
+            "batch": self.ckpt.state["batch"] + 1,
             "iterations": iterations,
-            "frames_dir": str(self.frames_dir),
+            "frames_dir": str(self.ckpt.frames_dir),
+            "restore": self.restore_result,
         }
         fn = partial(rank_step, self.d.app, self.scan, self.d.app_settings, step)
-        results = self.d.session.run(fn, data=work)
-        new = [i for r in results for i in r["new"]]
-        reached = {p: o for r in results for p, o in r["reached"].items()}
+        deadline = self.d.settings.deadline(iterations)
+        results = self.d.session.run(fn, data=work, timeout=deadline)
+        self.restore_result = None
+        self.applied[:] = 0
+        for r in results:
+            np.add.at(self.applied, np.asarray(r["applied"][0], dtype=np.int64), r["applied"][1])
         malformed = [m for r in results for m in r["malformed"]]
         for message in malformed[:5]:
             self.d.log(f"skipped a malformed record: {message}")
@@ -178,89 +225,143 @@ class _ScanRun:
             self.d.log(f"skipped {len(malformed) - 5} more malformed records")
         produced = [r["newest_produced"] for r in results if r["newest_produced"] is not None]
         self.last_produced = max([self.last_produced, *produced])
-        self.d.source.advance(reached, items)
-        twice = self.used.intersection(new)
-        self.used.update(new)
-        self.state["batch"] = step["batch"]
-        self.state["frames_files"] += [r["frames_file"] for r in results if r["frames_file"]]
-        self.state["used"] = sorted(self.used)
-        self.state["dropped_duplicates"] += sum(r["duplicates"] for r in results) + len(twice)
-        self.state["malformed"] += len(malformed)
-        self.state["offsets"] = {str(p): o for p, o in reached.items()}
         return {
             "result": results[0]["result"],
-            "new": len(new),
+            "new": sorted(i for r in results for i in r["new"]),
+            "files": [r["frames_file"] for r in results if r["frames_file"]],
+            "duplicates": sum(r["duplicates"] for r in results),
+            "malformed": len(malformed),
+            "reached": {p: o for r in results for p, o in r["reached"].items()},
             "latest": max(produced, default=None),
         }
 
-    def _durable(self, name: str, out: dict, final: bool) -> dict:
-        result = out["result"]
-        now = time.time()
+    def _durable(self, name: str, out: dict, items: list, final: bool, incomplete: bool) -> dict:
+        """Result file, then state, then the source's commit, then publication."""
+        source, state = self.d.source, self.ckpt.state
+        result, now = out["result"], time.time()
+        used = sorted(set(state["used"]).union(out["new"]))
+        twice = int((self.applied > 1).sum())
         summary = {
             "scan_id": self.scan.scan_id,
-            "batch": self.state["batch"],
+            "batch": state["batch"] + 1,
             "time": now,
             "final": final,
-            "new_frames": out["new"],
-            "frames_used": len(self.used),
+            "incomplete": incomplete,
+            "new_frames": len(out["new"]),
+            "frames_used": int((self.applied > 0).sum()),
             "frames_expected": self.scan.frames,
+            "frames_applied_twice": twice,
             "error": result["errors"][-1] if result["errors"] else None,
             "iterations": len(result["errors"]),
             "latency_s": None if out["latest"] is None else now - out["latest"],
-            "dropped_duplicates": self.state["dropped_duplicates"],
-            "malformed": self.state["malformed"],
+            "dropped_duplicates": state["dropped_duplicates"] + out["duplicates"],
+            "malformed": state["malformed"] + out["malformed"],
+            "recoveries": state["recoveries"],
             "file": str(self.dir / name),
         }
         if final:
-            summary["last_frame_to_result_s"] = now - self.last_produced
-        _write_h5(self.dir / name, {**result, "frames": sorted(self.used)}, summary)
-        _write_json(self.state_path, {**self.state, "final": final})
-        self.d.source.commit()
-        self.d.source.publish_result(summary)
+            summary["last_frame_to_result_s"] = (
+                now - self.last_produced if self.last_produced else None
+            )
+        frames = np.flatnonzero(self.applied)
+        _write_h5(self.dir / name, {**result, "frames": frames, "applied": self.applied}, summary)
+        source.advance(out["reached"], items)
+        self.ckpt.write(
+            batch=summary["batch"],
+            frames_files=state["frames_files"] + out["files"],
+            used=used,
+            dropped_duplicates=summary["dropped_duplicates"],
+            malformed=summary["malformed"],
+            position=source.position(),
+            result=str(self.dir / name),
+            final=final,
+        )
+        source.commit()
+        source.publish_result(summary)
         self.d.history.append(summary)
+        self.failures = 0
+        self._log_batch(summary, out)
+        return summary
+
+    def _log_batch(self, summary: dict, out: dict) -> None:
         line = f"batch {summary['batch']}: "
         if summary["error"] is None:
             line += "no frames yet"
         else:
-            line += f"+{out['new']} frames ({len(self.used)}/{self.scan.frames})"
+            line += f"+{len(out['new'])} frames ({summary['frames_used']}/{self.scan.frames})"
             line += f", error {summary['error']:.2e}"
         if summary["latency_s"] is not None:
             line += f", latency {summary['latency_s']:.2f} s"
+        if summary["frames_applied_twice"]:
+            line += f", {summary['frames_applied_twice']} FRAMES APPLIED TWICE"
         self.d.log(line)
-        return summary
+
+    def _recover(self, exc: BaseException) -> None:
+        """Starts a new session from the last durable checkpoint, or raises
+        :class:`StreamFailed` once ``max_recoveries`` batches in a row have failed."""
+        limit, state = self.d.settings.max_recoveries, self.ckpt.state
+        self.failures += 1
+        what = f"scan {self.scan.scan_id}: batch {state['batch'] + 1} failed ({_first_line(exc)})"
+        if self.failures > limit:
+            raise StreamFailed(f"{what}; gave up after {limit} recoveries in a row") from exc
+        self.d.log(
+            f"{what}; recovery {self.failures}/{limit}: new MPI session, resuming after "
+            f"batch {state['batch']}"
+        )
+        self.ckpt.write(recoveries=state["recoveries"] + 1)
+        self._resume()
+        self.d.end_session()  # the next tick starts a new one
 
     def run(self) -> dict | None:
-        s = self.d.settings
-        source, ranks = self.d.source, s.ranks
-        next_tick = time.monotonic() + s.batch_interval
+        s, source = self.d.settings, self.d.source
+        ranks = s.ranks
+        next_tick = active = time.monotonic()  # the session starts at once
         while not self.d.stopping.is_set():
             source.poll(max(0.0, min(0.1, next_tick - time.monotonic())))
             if time.monotonic() < next_tick and not source.ended:
                 continue
             items = source.poll(0.0)
-            if items or any(self.restore):
-                work = source.route(items, ranks)
-                for r in range(ranks):
-                    work[r] = self.restore[r] + work[r]
-                self.restore = [[] for _ in range(ranks)]
-                out = self._step(work, s.iterations_per_batch, items)
-                self._durable(f"batch-{self.state['batch']:05d}.h5", out, final=False)
-            if source.complete():
-                return self._finish()
+            try:
+                self.d.start_session()
+                if items or any(self.restore):
+                    active = time.monotonic()
+                    work = source.route(items, ranks)
+                    for r in range(ranks):
+                        work[r] = self.restore[r] + work[r]
+                    self.restore = [[] for _ in range(ranks)]
+                    out = self._step(work, s.iterations_per_batch)
+                    self._durable(self._batch_name(), out, items, final=False, incomplete=False)
+                if source.complete():
+                    return self._finish(incomplete=False)
+                if time.monotonic() - active > s.idle_timeout:
+                    return self._finish(incomplete=True)
+            except MPIJobError as exc:
+                self._recover(exc)
+                active = time.monotonic()
             next_tick = time.monotonic() + s.batch_interval
-        self.d.log(f"scan {self.scan.scan_id}: stopped after batch {self.state['batch']}")
+        self.d.log(f"scan {self.scan.scan_id}: stopped after batch {self.ckpt.state['batch']}")
         return None
 
-    def _finish(self) -> dict:
+    def _batch_name(self) -> str:
+        return f"batch-{self.ckpt.state['batch'] + 1:05d}.h5"
+
+    def _finish(self, incomplete: bool) -> dict:
         s = self.d.settings
-        out = self._step([[] for _ in range(s.ranks)], s.final_iterations, [])
-        summary = self._durable("final.h5", out, final=True)
-        picture = getattr(app_class(self.d.app), "picture", None)
-        if picture is not None:
-            picture(out["result"], self.dir / "final.png", f"scan {self.scan.scan_id}")
-        missing = self.scan.frames - len(self.used)
-        self.d.log(
-            f"scan {self.scan.scan_id} done: {len(self.used)} frames used once, {missing} "
-            f"missing, final result {summary['last_frame_to_result_s']:.2f} s after the last frame"
+        iterations = s.final_iterations if self.ckpt.state["used"] else 0
+        out = self._step([[] for _ in range(s.ranks)], iterations)
+        summary = self._durable("final.h5", out, [], final=True, incomplete=incomplete)
+        if self.ckpt.state["used"]:
+            self.d.app_class.picture(out["result"], self.dir / "final.png", self._title())
+        missing = self.scan.frames - summary["frames_used"]
+        closed = "closed as incomplete (idle)" if incomplete else "done"
+        line = (
+            f"scan {self.scan.scan_id} {closed}: {summary['frames_used']} frames used, "
+            f"{missing} missing, {summary['frames_applied_twice']} applied twice"
         )
+        if summary["last_frame_to_result_s"] is not None:
+            line += f", final result {summary['last_frame_to_result_s']:.2f} s after the last frame"
+        self.d.log(line)
         return {**summary, "frames_lost": missing, "settings": asdict(s)}
+
+    def _title(self) -> str:
+        return f"scan {self.scan.scan_id}"

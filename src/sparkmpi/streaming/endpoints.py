@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from sparkmpi.streaming.kafka_transport import StreamError
+
+if TYPE_CHECKING:
+    from sparkmpi.streaming.access import StreamAccess
 
 
 def parse(url: str) -> tuple[str, str, int, str]:
@@ -26,34 +30,41 @@ def parse(url: str) -> tuple[str, str, int, str]:
     return parsed.scheme, parsed.hostname, port, topic
 
 
-def check(url: str) -> None:
-    """Raises :class:`StreamError` if ``url`` is malformed or its Kafka broker does not answer."""
+def check(url: str, access: StreamAccess | None = None) -> None:
+    """Raises :class:`StreamError` if ``url`` is malformed, its Kafka broker does not answer a
+    client made with ``access``'s Kafka settings, or (ZeroMQ) ``access``'s keys lack the
+    driver's."""
     scheme, host, port, _ = parse(url)
     if scheme == "kafka":
         from sparkmpi.streaming.kafka_transport import check_broker
 
-        check_broker(f"{host}:{port}")
+        check_broker(f"{host}:{port}", config=access.kafka_config if access else None)
+    elif access is not None and access.curve is not None:
+        access.curve.server_pair()
 
 
-def open_source(url: str, log=print):
-    """The driver-side source for ``url``."""
+def open_source(url: str, log=print, access: StreamAccess | None = None):
+    """The driver-side source for ``url``; with ``access``, its Kafka clients get
+    ``access.kafka_config`` and a ZeroMQ source is a CURVE server for ``access.curve``."""
     scheme, host, port, topic = parse(url)
     if scheme == "kafka":
-        from sparkmpi.streaming.kafka_transport import KafkaSource
+        from sparkmpi.streaming.kafka_source import KafkaSource
 
-        return KafkaSource(f"{host}:{port}", topic, log=log)
+        config = access.kafka_config if access else None
+        return KafkaSource(f"{host}:{port}", topic, log=log, config=config)
     from sparkmpi.streaming.zmq_transport import ZmqSource
 
-    return ZmqSource(host, port, log=log)
+    return ZmqSource(host, port, log=log, curve=access.curve if access else None)
 
 
-def open_sink(url: str):
-    """The producer-side sink for ``url``."""
+def open_sink(url: str, access: StreamAccess | None = None):
+    """The producer-side sink for ``url``; with ``access``, its Kafka clients get
+    ``access.kafka_config`` and a ZeroMQ sink is a CURVE client with ``access.curve``."""
     scheme, host, port, topic = parse(url)
     if scheme == "kafka":
         from sparkmpi.streaming.kafka_transport import KafkaSink
 
-        return KafkaSink(f"{host}:{port}", topic)
+        return KafkaSink(f"{host}:{port}", topic, config=access.kafka_config if access else None)
     from sparkmpi.streaming.zmq_transport import ZmqSink
 
-    return ZmqSink(host, port)
+    return ZmqSink(host, port, curve=access.curve if access else None)

@@ -1,10 +1,11 @@
 """The scan protocol: scan-start, frame and scan-end records, each a JSON header plus raw bytes.
 
-A scan-start names the scan and says what its frames are (count, shape, dtype), where they were
-taken (positions in object pixels) and the detector geometry; its payload is the initial probe
-(complex64). A frame carries its index, the time it was produced and its pixels. A scan-end
-closes the scan. Over Kafka the header is the ``sparkmpi`` message header and the payload the
-message value; over ZeroMQ they are the two parts of a multipart message.
+A scan-start names the scan and says what its frames are (count, shape, dtype); the rest of its
+header and its payload belong to the app (ptychography: positions, geometry, the initial
+probe; see ``streaming.app``). A frame carries its index, the time it was produced and its
+pixels. A scan-end closes the scan. Over Kafka the header is the ``sparkmpi`` message header
+and the payload the message value; over ZeroMQ they are the two parts of a multipart
+message. docs/streaming-records.md describes every field.
 """
 
 from __future__ import annotations
@@ -41,27 +42,29 @@ def check_scan_id(scan_id: object) -> str:
 
 @dataclass
 class ScanStart:
+    """A scan begins: its id, how many frames and what they are; ``params`` are the app's own
+    header fields (JSON, e.g. ptychography's positions and geometry) and ``data`` the app's
+    payload bytes (e.g. the initial probe). The app checks and reads both."""
+
     scan_id: str
     frames: int
     shape: tuple[int, int]
     dtype: str
-    positions: np.ndarray  # (frames, 2) float (y, x) object pixels
-    probe: np.ndarray  # (n, n) complex64
-    geometry: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    data: bytes = b""
 
     def header(self) -> dict:
         return {
+            **self.params,
             "type": "scan-start",
             "scan_id": self.scan_id,
             "frames": self.frames,
             "shape": list(self.shape),
             "dtype": self.dtype,
-            "positions": np.asarray(self.positions).tolist(),
-            "geometry": self.geometry,
         }
 
     def payload(self) -> bytes:
-        return np.ascontiguousarray(self.probe, dtype=np.complex64).tobytes()
+        return self.data
 
     def frame_bytes(self) -> int:
         return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
@@ -134,19 +137,13 @@ FRAMES_MAX = 10_000_000
 
 
 def _consistent(start: ScanStart) -> ScanStart:
-    """``start`` if it agrees with itself; :class:`MalformedRecord` naming the first field that
-    does not (a scan that cannot finish must not be accepted)."""
+    """``start`` if its frame count, shape and dtype make sense; :class:`MalformedRecord`
+    naming the first that does not (a scan that cannot finish must not be accepted)."""
     why = None
     if not 1 <= start.frames <= FRAMES_MAX:
         why = f"frames={start.frames} is not 1..{FRAMES_MAX}"
     elif len(start.shape) != 2 or min(start.shape) < 1:
         why = f"frame shape {start.shape} is not two positive sizes"
-    elif start.positions.shape != (start.frames, 2):
-        why = (
-            f"{start.positions.shape} positions for {start.frames} frames, expected one (y, x) each"
-        )
-    elif not np.isfinite(start.positions).all():
-        why = "positions are not all finite numbers"
     else:
         try:
             kind = np.dtype(start.dtype).kind
@@ -194,19 +191,15 @@ def decode(header: bytes | None, payload: bytes | None, scan: ScanStart | None =
     payload = payload or b""
     try:
         if kind == "scan-start":
-            shape = tuple(int(v) for v in meta["shape"])
-            probe = np.frombuffer(payload, dtype=np.complex64)
-            if probe.size != shape[0] * shape[1]:
-                raise MalformedRecord(f"scan {scan_id}: probe of {probe.size} values for {shape}")
+            generic = {"type", "scan_id", "frames", "shape", "dtype"}
             return _consistent(
                 ScanStart(
                     scan_id,
                     int(meta["frames"]),
-                    shape,
+                    tuple(int(v) for v in meta["shape"]),
                     str(meta["dtype"]),
-                    np.asarray(meta["positions"], dtype=np.float64),
-                    probe.reshape(shape).copy(),
-                    dict(meta.get("geometry", {})),
+                    {k: v for k, v in meta.items() if k not in generic},
+                    bytes(payload),
                 )
             )
         if kind == "scan-end":
@@ -215,22 +208,20 @@ def decode(header: bytes | None, payload: bytes | None, scan: ScanStart | None =
             return Progress(scan_id, _offsets(meta))
         if kind != "frame":
             raise MalformedRecord(f"unknown record type {kind!r}")
-        index = int(meta["index"])
-    except (KeyError, TypeError, ValueError) as exc:
+        index, produced = int(meta["index"]), float(meta.get("t", 0.0))
+        if scan is None:
+            data = np.frombuffer(payload, dtype=np.dtype(str(meta.get("dtype", "float32"))))
+            return Frame(scan_id, index, data, produced)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, MalformedRecord):
             raise
         raise MalformedRecord(f"bad {kind} record ({type(exc).__name__}: {exc})") from None
-    if scan is not None:
-        if scan_id != scan.scan_id:
-            raise MalformedRecord(f"frame {index} of unknown scan {scan_id!r}")
-        if not 0 <= index < scan.frames:
-            raise MalformedRecord(f"frame index {index} outside 0..{scan.frames - 1}")
-        _matches_scan(meta, index, scan)
-        if len(payload) != scan.frame_bytes():
-            raise MalformedRecord(
-                f"frame {index}: {len(payload)} bytes, expected {scan.frame_bytes()}"
-            )
-        data = np.frombuffer(payload, dtype=scan.dtype).reshape(scan.shape)
-    else:
-        data = np.frombuffer(payload, dtype=meta.get("dtype", "float32"))
-    return Frame(scan_id, index, data, float(meta.get("t", 0.0)))
+    if scan_id != scan.scan_id:
+        raise MalformedRecord(f"frame {index} of unknown scan {scan_id!r}")
+    if not 0 <= index < scan.frames:
+        raise MalformedRecord(f"frame index {index} outside 0..{scan.frames - 1}")
+    _matches_scan(meta, index, scan)
+    if len(payload) != scan.frame_bytes():
+        raise MalformedRecord(f"frame {index}: {len(payload)} bytes, expected {scan.frame_bytes()}")
+    data = np.frombuffer(payload, dtype=scan.dtype).reshape(scan.shape)
+    return Frame(scan_id, index, data, produced)

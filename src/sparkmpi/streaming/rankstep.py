@@ -1,31 +1,65 @@
 """What a rank does with one micro-batch: read its share of the batch (Kafka offset ranges
 straight from the broker, ZeroMQ frames shipped by the driver, or checkpointed frames after a
-restart), drop what it has already seen, make the new frames durable, and let the app iterate.
+restart), send every frame to the rank that owns its index (``index % ranks``, whatever the
+transport or the rank count of an earlier session), drop what the owner already holds, make
+the new frames durable, hand them to the app once, count what it was given, and iterate.
 """
 
 from __future__ import annotations
 
-import importlib
+import json
 import os
+import threading
+import time
 
 import numpy as np
 
+from sparkmpi.streaming.app import app_class
 from sparkmpi.streaming.protocol import Frame, MalformedRecord, ScanStart, decode
 
-APPS = {"ptycho": "sparkmpi.apps.ptycho.streaming:PtychoStream"}
-_states: dict[tuple[str, str], object] = {}
+FAULTS_ENV = "SPARKMPI_STREAM_FAULTS"
 
 
-def app_class(name: str):
-    """The streaming app called ``name`` (see :data:`APPS`)."""
-    if name not in APPS:
-        raise ValueError(f"app must be one of {', '.join(APPS)}, not {name!r}")
-    module, cls = APPS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+class _Share:
+    """One rank's share of one scan: the app's state, the frame indices given to it and how
+    many times each was given (more than once would be a bug, which the driver reports)."""
+
+    def __init__(self, app: str, scan: ScanStart, settings, comm, restore: str | None):
+        self.app = app_class(app)(scan, settings, comm)
+        if restore:
+            self.app.restore(_read_result(restore))
+        self.applied: dict[int, int] = {}
+
+    def apply(self, frames: list[Frame]) -> tuple[list[Frame], int]:
+        """Gives the app the frames it does not hold yet; returns them and how many were
+        duplicates."""
+        new, duplicates, batch = [], 0, set()
+        for frame in frames:
+            if frame.index in self.applied or frame.index in batch:
+                duplicates += 1
+            else:
+                batch.add(frame.index)
+                new.append(frame)
+        if new:
+            self.app.add(new)
+            for frame in new:
+                self.applied[frame.index] = self.applied.get(frame.index, 0) + 1
+        return new, duplicates
+
+
+_shares: dict[tuple[str, str], _Share] = {}
+
+
+def _read_result(path: str) -> dict:
+    import h5py
+
+    with h5py.File(path) as f:
+        return {key: f[key][()] for key in f}
 
 
 def _materialize(work, scan: ScanStart):
-    """Frames in this rank's work, malformed-record reports, and Kafka offsets reached."""
+    """Frames read from this rank's work (Kafka ranges, shipped records), checkpointed frames,
+    malformed-record reports, and the Kafka offsets reached."""
     from sparkmpi.streaming.kafka_transport import KafkaRange, read_range
 
     frames, malformed, reached, restored = [], [], {}, []
@@ -52,35 +86,78 @@ def _materialize(work, scan: ScanStart):
     return frames, malformed, reached, restored
 
 
+def _to_owners(comm, frames: list[Frame]) -> list[Frame]:
+    """Exchanges frames so each lands on rank ``index % size`` (collective)."""
+    if comm.size == 1:
+        return frames
+    outgoing: list[list[Frame]] = [[] for _ in range(comm.size)]
+    for frame in frames:
+        outgoing[frame.index % comm.size].append(frame)
+    return [frame for part in comm.alltoall(outgoing) for frame in part]
+
+
 def _save(frames: list[Frame], path: str) -> None:
     from sparkmpi.files import atomic_output
 
     with atomic_output(path) as tmp:
         np.savez(
             tmp,
-            index=np.array([f.index for f in frames], dtype=np.int64),
-            data=np.stack([f.data for f in frames]),
+            index=np.array([frame.index for frame in frames], dtype=np.int64),
+            data=np.stack([frame.data for frame in frames]),
         )
+
+
+def fault_point(scan_id: str, batch: int, rank: int) -> None:
+    """The fault-injection hook of tests and ``bench stream --faults``: when ``$SPARKMPI_STREAM_
+    FAULTS`` names a directory holding ``<scan id>.request`` (JSON ``{"rank": R}``) and no
+    ``<scan id>.fired`` yet, rank R writes ``<scan id>.fired`` (its PID, the batch, the time)
+    in the middle of its next batch (frames read and durable, before iterating) and then
+    stops there until it is killed, so the harness decides, after the fact, whether it was
+    killed mid-batch or hung. Without the variable it does nothing."""
+    directory = os.environ.get(FAULTS_ENV)
+    if not directory:
+        return
+    request = os.path.join(directory, f"{scan_id}.request")
+    try:
+        with open(request) as f:
+            wanted = json.load(f).get("rank")
+    except (OSError, ValueError):
+        return
+    if wanted != rank:
+        return
+    try:
+        fd = os.open(
+            os.path.join(directory, f"{scan_id}.fired"), os.O_CREAT | os.O_EXCL | os.O_WRONLY
+        )
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "batch": batch, "time": time.time()}, f)
+    threading.Event().wait()
 
 
 def rank_step(app: str, scan: ScanStart, settings, step: dict, comm, work):
     """Runs one batch on this rank; returns what the driver needs to account for it (and, on
     rank 0, the app's result)."""
     key = (app, scan.scan_id)
-    state = _states.get(key)
-    if state is None:
-        _states.clear()  # one scan at a time per session
-        state = _states[key] = app_class(app)(scan, settings, comm)
+    share = _shares.get(key)
+    if share is None:
+        _shares.clear()  # one scan at a time per session
+        share = _shares[key] = _Share(app, scan, settings, comm, step.get("restore"))
     frames, malformed, reached, restored = _materialize(work or [], scan)
-    state.add(restored)
-    new, duplicates = state.add(frames)
+    restored = _to_owners(comm, restored)
+    share.apply(restored)
+    new, duplicates = share.apply(_to_owners(comm, frames))
     frames_file = None
     if new and step.get("frames_dir"):
         frames_file = os.path.join(step["frames_dir"], f"b{step['batch']:06d}-r{comm.rank}.npz")
         _save(new, frames_file)
-    result = state.iterate(step["iterations"])
+    fault_point(scan.scan_id, step["batch"], comm.rank)
+    result = share.app.iterate(step["iterations"])
     return {
         "new": [f.index for f in new],
+        "restored": len(restored),
+        "applied": (list(share.applied), list(share.applied.values())),
         "newest_produced": max((f.produced for f in new), default=None),
         "duplicates": duplicates,
         "malformed": malformed,

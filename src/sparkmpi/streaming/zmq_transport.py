@@ -10,23 +10,82 @@ from __future__ import annotations
 import json
 import threading
 import time
+from typing import TYPE_CHECKING
 
+from sparkmpi.streaming.kafka_transport import StreamError
 from sparkmpi.streaming.protocol import MalformedRecord, ScanStart, decode, encode
+
+if TYPE_CHECKING:
+    from sparkmpi.streaming.access import CurveKeys
+
+LINGER_S = 30.0  # a late driver still gets the scan
+
+
+MAX_MESSAGE_BYTES = 256 << 20
 
 
 class ZmqSink:
-    """Producer side: connects a PUSH socket to ``tcp://host:port``."""
+    """Producer side: connects a PUSH socket to ``tcp://host:port``; with ``curve``, as a CURVE
+    client with ``curve``'s client keys, to a driver holding ``curve.server_public``."""
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, curve: CurveKeys | None = None):
         import zmq
 
+        self.endpoint = f"tcp://{host}:{port}"
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, 100_000)
-        self.socket.setsockopt(zmq.LINGER, 30_000)  # a late driver still gets the scan
-        self.socket.connect(f"tcp://{host}:{port}")
+        self.socket.setsockopt(zmq.LINGER, int(LINGER_S * 1000))
+        self._monitor = None
+        self._accepted = self._refused = self._reported = False
+        self._failed_handshakes = 0
+        if curve is not None:
+            public, secret = curve.client_pair()
+            self.socket.curve_publickey, self.socket.curve_secretkey = public, secret
+            self.socket.curve_serverkey = curve.server_public
+            self._monitor = self.socket.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_SUCCEEDED
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            )
+        self.socket.connect(self.endpoint)
+
+    def _handshakes(self, timeout: float = 0.0) -> None:
+        """Reads CURVE handshake outcomes until one decides (accepted or refused), waiting up to
+        ``timeout`` s."""
+        import zmq
+        from zmq.utils.monitor import recv_monitor_message
+
+        deadline = time.monotonic() + timeout
+        while self._monitor is not None and not (self._accepted or self._refused):
+            wait = max(0.0, deadline - time.monotonic())
+            if not self._monitor.poll(int(wait * 1000)):
+                return
+            event = recv_monitor_message(self._monitor)["event"]
+            self._accepted = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            # refused: ZAP said no (AUTH) or the driver is no CURVE server (PROTOCOL); a driver
+            # without our server key's secret only ever drops the connection (NO_DETAIL),
+            # which a driver closing mid-handshake does once too
+            self._failed_handshakes += event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            self._refused = self._failed_handshakes >= 3 or event in (
+                zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+                zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+            )
+
+    def _raise_if_refused(self) -> None:
+        if self._refused and not self._accepted and not self._reported:
+            self._reported = True
+            raise StreamError(
+                f"{self.endpoint}: the driver refused this producer's CURVE handshake (its "
+                "client.key is not in the driver's authorized/ directory, server.key is not the "
+                "driver's, or the driver runs without --zmq-keys)"
+            )
 
     def send(self, record) -> None:
+        """Queues ``record``; :class:`StreamError` once the driver has refused our keys."""
+        self._handshakes()
+        self._raise_if_refused()
         self.socket.send_multipart(list(encode(record)), copy=False)
 
     def send_raw(self, header: bytes | None, payload: bytes, partition: int = 0) -> None:
@@ -34,26 +93,57 @@ class ZmqSink:
         self.socket.send_multipart([header or b"", payload])
 
     def close(self) -> None:
-        self.socket.close()
+        """Gives what is queued up to 30 s to reach a driver, then releases the socket. With
+        CURVE, :class:`StreamError` if no driver accepted our keys (nothing was delivered)."""
+        start = time.monotonic()
+        curve = self._monitor is not None
+        if curve:
+            self._handshakes(timeout=LINGER_S)
+            self.socket.disable_monitor()
+            self._monitor.close(linger=0)
+        linger = 0.0 if curve and not self._accepted else LINGER_S
+        self.socket.close(linger=int(max(0.0, linger - (time.monotonic() - start)) * 1000))
         self.context.term()
+        self._raise_if_refused()
+        if curve and not self._accepted and not self._reported:
+            raise StreamError(
+                f"{self.endpoint}: no driver completed a CURVE handshake within "
+                f"{LINGER_S:.0f} s; nothing was delivered"
+            )
 
 
 class ZmqSource:
     """Driver side: binds a PULL socket and queues what arrives; frames are routed to ranks by
     index, so a duplicate always meets the rank that has the original."""
 
-    def __init__(self, host: str, port: int, log=print):
+    def __init__(self, host: str, port: int, log=print, curve: CurveKeys | None = None):
         import zmq
 
         self.log = log
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.PULL)
         self.socket.setsockopt(zmq.RCVHWM, 100_000)
-        self.socket.bind(f"tcp://{host}:{port}")
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # a bigger one drops the peer
+        self._auth = None
+        if curve is not None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            public, secret = curve.server_pair()
+            self._auth = ThreadAuthenticator(self.context)
+            self._auth.start()
+            # only producers whose public key is in authorized/ complete the handshake
+            self._auth.configure_curve(domain="*", location=str(curve.authorized))
+            self.socket.curve_publickey, self.socket.curve_secretkey = public, secret
+            self.socket.curve_server = True
+        try:
+            self.socket.bind(f"tcp://{host}:{port}")
+        except zmq.ZMQError:
+            self._release()
+            raise
         self.scan: ScanStart | None = None
         self._ended: set[str] = set()
         self._starts: list[ScanStart] = []
-        self._frames: list[tuple[int, bytes, bytes]] = []
+        self._frames: list[tuple[str, int, bytes, bytes]] = []  # (scan id, index, header, payload)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._receive, name="sparkmpi-zmq", daemon=True)
@@ -84,9 +174,15 @@ class ZmqSource:
                 elif kind == "scan-end":
                     self._ended.add(str(meta.get("scan_id")))
                 else:
-                    index = meta.get("index", 0) if isinstance(meta, dict) else 0
+                    meta = meta if isinstance(meta, dict) else {}
+                    index = meta.get("index", 0)
                     self._frames.append(
-                        (int(index) if str(index).isdigit() else 0, header, payload)
+                        (
+                            str(meta.get("scan_id")),
+                            int(index) if str(index).isdigit() else 0,
+                            header,
+                            payload,
+                        )
                     )
 
     def wait_for_scan(self, timeout: float | None = None, skip: set[str] = frozenset()):
@@ -101,12 +197,24 @@ class ZmqSource:
             time.sleep(0.05)
         return None
 
-    def poll(self, timeout: float = 0.0) -> list[tuple[int, bytes, bytes]]:
-        """Frames received and not yet processed, as (index, header, payload)."""
+    def resume(self, scan: ScanStart) -> None:
+        """Makes ``scan`` (saved by an earlier driver) the current scan: its frames still to
+        come are taken, those received by the dead driver and not checkpointed are lost."""
+        self.scan = scan
+
+    def _mine(self) -> list[tuple[str, int, bytes, bytes]]:
+        """Queued messages for the current scan, and those of no scan that is waiting to start
+        (they are reported as malformed); a waiting scan's frames stay queued for it."""
+        waiting = {start.scan_id for start in self._starts}
+        current = self.scan.scan_id if self.scan else None
+        return [m for m in self._frames if m[0] == current or m[0] not in waiting]
+
+    def poll(self, timeout: float = 0.0) -> list[tuple[str, int, bytes, bytes]]:
+        """Messages received for this scan and not yet processed."""
         if timeout:
             time.sleep(timeout)
         with self._lock:
-            return list(self._frames)
+            return self._mine()
 
     @property
     def ended(self) -> bool:
@@ -114,27 +222,44 @@ class ZmqSource:
 
     def complete(self) -> bool:
         with self._lock:
-            return self.ended and not self._frames
+            return self.ended and not self._mine()
 
     def advance(self, reached: dict[int, int], items: list) -> None:
-        """Forgets ``items`` (a prefix of what :meth:`poll` returned): they are processed."""
+        """Forgets ``items`` (returned by :meth:`poll`): they are processed."""
+        done = {id(item) for item in items}
         with self._lock:
-            del self._frames[: len(items)]
+            self._frames = [m for m in self._frames if id(m) not in done]
+
+    def position(self) -> dict:
+        """ZeroMQ cannot replay: there is no position to checkpoint."""
+        return {}
+
+    def seek(self, position: dict) -> None:
+        """Nothing to do: what was received and not yet processed is still queued."""
+
+    def finished(self, scan_id: str) -> None:
+        """Nothing to do: ZeroMQ keeps no position."""
 
     def commit(self) -> None:
         return None
 
-    def route(self, items: list[tuple[int, bytes, bytes]], ranks: int) -> list[list]:
+    def route(self, items: list[tuple[str, int, bytes, bytes]], ranks: int) -> list[list]:
+        """Work per rank: frame ``index`` goes to rank ``index % ranks`` (its owner)."""
         work: list[list] = [[] for _ in range(ranks)]
-        for index, header, payload in items:
+        for _, index, header, payload in items:
             work[index % ranks].append((header, payload))
         return work
 
     def publish_result(self, summary: dict) -> None:
         return None
 
+    def _release(self) -> None:
+        self.socket.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        self.context.term()
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2)
-        self.socket.close(linger=0)
-        self.context.term()
+        self._release()
