@@ -131,6 +131,7 @@ def test_readme_python_examples_run(tmp_path):
     assert "(16, 64, 64)" in done.stdout and (tmp_path / "volume.png").exists()
     assert "[(0, array([28., 28., 28.])), (1, array([28., 28., 28.]))]" in done.stdout
     assert "[0, 1, 2, 3]" in done.stdout
+    assert "streamed 64 0 0" in done.stdout
 
 
 def test_examples_run():
