@@ -320,9 +320,9 @@ class _ScanRun:
             source.poll(max(0.0, min(0.1, next_tick - time.monotonic())))
             if time.monotonic() < next_tick and not source.ended:
                 continue
-            items = source.poll(0.0)
             try:
-                self.d.start_session()
+                self.d.start_session()  # before taking the items: it may take seconds
+                items = source.poll(0.0)
                 if items or any(self.restore):
                     active = time.monotonic()
                     work = source.route(items, ranks)

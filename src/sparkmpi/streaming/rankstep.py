@@ -93,7 +93,10 @@ def _to_owners(comm, frames: list[Frame]) -> list[Frame]:
     outgoing: list[list[Frame]] = [[] for _ in range(comm.size)]
     for frame in frames:
         outgoing[frame.index % comm.size].append(frame)
-    return [frame for part in comm.alltoall(outgoing) for frame in part]
+    own, outgoing[comm.rank] = outgoing[comm.rank], []  # not pickled to itself
+    incoming = comm.alltoall(outgoing)
+    incoming[comm.rank] = own
+    return [frame for part in incoming for frame in part]
 
 
 def _save(frames: list[Frame], path: str) -> None:
