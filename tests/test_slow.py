@@ -197,3 +197,15 @@ def test_bench_stream_quick(tmp_path):
     for r in results:
         assert r["frames"] == 64 and r["frames_lost"] == 0 and r["frames_applied_twice"] == 0
         assert r["last_frame_to_result_s"] > 0 and r["max_rate_hz"] > 0
+
+
+@pytest.mark.timeout(600)
+def test_bench_stream_faults_quick(tmp_path):
+    args = ("--faults", "--quick", "--transports", "zmq", "--batch-interval", "0.5")
+    _, data = run_bench(tmp_path, "stream", *args, timeout=580)
+    results = {r["fault"]: r for r in data["results"]}
+    assert set(results) == {"none", "driver-kill", "rank-kill", "rank-hang"}
+    for r in results.values():
+        assert r["frames"] == 48 and r["frames_lost"] == 0 and r["frames_applied_twice"] == 0
+    assert results["rank-kill"]["recoveries"] == results["rank-hang"]["recoveries"] == 1
+    assert all(results[f]["resumed_after_s"] > 0 for f in ("driver-kill", "rank-kill"))
