@@ -351,7 +351,8 @@ class _ScanRun:
         out = self._step([[] for _ in range(s.ranks)], iterations)
         summary = self._durable("final.h5", out, [], final=True, incomplete=incomplete)
         if self.ckpt.state["used"]:
-            self.d.app_class.picture(out["result"], self.dir / "final.png", self._title())
+            title = f"scan {self.scan.scan_id}"
+            self.d.app_class.picture(out["result"], self.dir / "final.png", title)
         missing = self.scan.frames - summary["frames_used"]
         closed = "closed as incomplete (idle)" if incomplete else "done"
         line = (
@@ -362,6 +363,3 @@ class _ScanRun:
             line += f", final result {summary['last_frame_to_result_s']:.2f} s after the last frame"
         self.d.log(line)
         return {**summary, "frames_lost": missing, "settings": asdict(s)}
-
-    def _title(self) -> str:
-        return f"scan {self.scan.scan_id}"
