@@ -46,6 +46,10 @@ if ! command -v ip >/dev/null 2>&1 || ! command -v tc >/dev/null 2>&1; then
     echo "setup: installing iproute2 for the network-namespace cluster"
     apt_install iproute2
 fi
+if ! command -v openssl >/dev/null 2>&1; then
+    echo "setup: installing openssl (the Kafka TLS test makes a throwaway certificate)"
+    apt_install openssl
+fi
 if ! command -v unshare >/dev/null 2>&1; then
     apt_install util-linux
 fi
