@@ -58,14 +58,21 @@ def _read_result(path: str) -> dict:
 
 
 def _materialize(work, scan: ScanStart):
-    """Frames read from this rank's work (Kafka ranges, shipped records), checkpointed frames,
-    malformed-record reports, and the Kafka offsets reached."""
+    """Frames read from this rank's work (Kafka ranges, shipped records, a source's messages
+    with a ``frames(scan)`` method), checkpointed frames, malformed-record reports, and the
+    Kafka offsets reached."""
     from sparkmpi.streaming.kafka_transport import KafkaRange, read_range
 
     frames, malformed, reached, restored = [], [], {}, []
     for item in work:
         if isinstance(item, KafkaRange):
             raw, reached[item.partition] = read_range(item)
+        elif hasattr(item, "frames"):  # a source's own message, decoded here on the rank
+            try:
+                frames += item.frames(scan)
+            except MalformedRecord as exc:
+                malformed.append(str(exc))
+            continue
         elif isinstance(item, str):  # a checkpointed frames file
             with np.load(item) as saved:
                 restored += [
