@@ -15,7 +15,10 @@ from typing import Any, Protocol
 
 from sparkmpi.streaming.protocol import Frame, ScanStart
 
-APPS = {"ptycho": "sparkmpi.apps.ptycho.streaming:PtychoStream"}
+APPS = {
+    "ptycho": "sparkmpi.apps.ptycho.streaming:PtychoStream",
+    "tomo": "sparkmpi.apps.tomo.streaming:TomoStream",
+}
 
 
 class StreamingApp(Protocol):

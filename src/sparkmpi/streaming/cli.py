@@ -152,7 +152,7 @@ def add_commands(sub) -> None:
 
     run = stream_sub.add_parser("run", help="the micro-batch pipeline into MPI ranks")
     run.add_argument("--source", required=True, help="kafka://HOST:PORT/TOPIC or zmq://HOST:PORT")
-    run.add_argument("--app", default="ptycho", choices=("ptycho",))
+    run.add_argument("--app", default="ptycho", choices=("ptycho", "tomo"))
     run.add_argument("--out", default="stream-out", help="results and checkpoints (stream-out)")
     run.add_argument("--batch-interval", type=_seconds, default=2.0, help="e.g. 2s or 500ms")
     run.add_argument("--iterations", type=int, default=10, help="solver iterations per batch")

@@ -1,0 +1,181 @@
+"""Tomography as a streaming app (:class:`sparkmpi.streaming.app.StreamingApp`): projections of
+a rotating sample arrive in any angular order (sequential, golden-angle) and every batch
+refines a filtered back-projection of all projections so far.
+
+Each rank reconstructs a slab of slices (detector rows). Frames reach the rank that owns their
+index; at each ``iterate`` the ranks exchange the new projections' rows so every rank gets the
+rows of its slab, and add their filtered back-projections to its running sum. FBP is linear,
+so the volume after the last projection equals the batch FBP of the whole scan, in whatever
+order and batches the projections came.
+
+The scan-start carries ``angles_deg`` (one rotation angle per projection, degrees) and
+optionally ``center`` (the rotation axis on the detector, in bins; default the middle);
+frames are projections (line integrals, e.g. -log of flat-corrected transmission), shape
+(rows, detector bins).
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+
+import numpy as np
+
+from sparkmpi.apps.tomo.algorithms import fbp
+from sparkmpi.streaming.producer import replay
+from sparkmpi.streaming.protocol import MalformedRecord, ScanStart, check_scan_id
+
+VOXELS_MAX = 1 << 28  # 1 GiB of float32
+
+
+def start_record(angles_deg, shape: tuple[int, int], scan_id: str, center=None) -> ScanStart:
+    """The scan-start of a tomography scan of ``len(angles_deg)`` float32 projections."""
+    params: dict = {"angles_deg": [float(a) for a in angles_deg]}
+    if center is not None:
+        params["center"] = float(center)
+    return ScanStart(scan_id, len(params["angles_deg"]), tuple(shape), "float32", params)
+
+
+def golden_order(count: int) -> np.ndarray:
+    """Indices of ``count`` equally spaced angles over 180° in golden-angle order (each next
+    angle 111.25° on, modulo 180°, rounded to the nearest unused one)."""
+    golden = (np.sqrt(5) - 1) / 2
+    wanted = (np.arange(count) * golden) % 1.0
+    order, free = [], list(range(count))
+    for w in wanted:
+        best = min(free, key=lambda i: abs(i / count - w))
+        free.remove(best)
+        order.append(best)
+    return np.array(order)
+
+
+def produce(
+    projections: np.ndarray,
+    angles_deg,
+    url: str,
+    rate_hz: float,
+    scan_id: str | None = None,
+    log=None,
+    access=None,
+) -> dict:
+    """Streams ``projections`` (count, rows, bins) taken at ``angles_deg`` to ``url``, in the
+    given order, at ``rate_hz`` (0: as fast as possible)."""
+    scan_id = check_scan_id(scan_id or uuid.uuid4().hex[:12])
+    projections = np.asarray(projections, dtype=np.float32)
+    start = start_record(angles_deg, projections.shape[1:], scan_id)
+    return replay(start, projections, url, rate_hz, log, access)
+
+
+def _angles(start: ScanStart) -> np.ndarray:
+    try:
+        angles = np.asarray(start.params["angles_deg"], dtype=np.float64)
+    except KeyError:
+        raise MalformedRecord("no angles_deg") from None
+    except (TypeError, ValueError):
+        raise MalformedRecord("angles_deg is not a list of numbers") from None
+    if angles.shape != (start.frames,) or not np.isfinite(angles).all():
+        raise MalformedRecord(f"angles_deg must be {start.frames} finite numbers (one per frame)")
+    return angles
+
+
+def _center(start: ScanStart) -> float | None:
+    center = start.params.get("center")
+    if center is None:
+        return None
+    if isinstance(center, bool) or not isinstance(center, int | float) or not np.isfinite(center):
+        raise MalformedRecord(f"center is {center!r}, not a number")
+    return float(center)
+
+
+class TomoStream:
+    """One rank's slab of a streamed reconstruction. ``add`` is local; ``iterate`` is
+    collective."""
+
+    @staticmethod
+    def check_start(start: ScanStart) -> None:
+        """:class:`MalformedRecord` naming what is missing or implausible: angles (one finite
+        angle per projection), centre, a volume over 2^28 voxels."""
+        try:
+            _angles(start), _center(start)
+            rows, bins = start.shape
+            if rows * bins * bins > VOXELS_MAX:
+                raise MalformedRecord(f"a {rows} x {bins} x {bins} volume is over {VOXELS_MAX}")
+        except MalformedRecord as exc:
+            raise MalformedRecord(f"scan-start of scan {start.scan_id}: {exc}") from None
+
+    def __init__(self, start: ScanStart, settings, comm):
+        self.comm = comm
+        self.angles = _angles(start)
+        self.center = _center(start)
+        rows, self.bins = start.shape
+        bounds = np.linspace(0, rows, comm.size + 1).round().astype(int)
+        self.slabs = list(itertools.pairwise(bounds))
+        low, high = self.slabs[comm.rank]
+        self.sum = np.zeros((high - low, self.bins, self.bins), dtype=np.float32)
+        self.count = 0
+        self.pending: list = []
+        self.previous = None
+        self.errors: list[float] = []
+
+    def add(self, frames) -> None:
+        """Keeps frames (each given once) until the next :meth:`iterate`."""
+        self.pending += [(f.index, np.asarray(f.data, dtype=np.float32)) for f in frames]
+
+    def _exchange(self) -> list:
+        outgoing = [
+            [(index, data[low:high]) for index, data in self.pending] for low, high in self.slabs
+        ]
+        self.pending = []
+        return [item for part in self.comm.alltoall(outgoing) for item in part]
+
+    def iterate(self, iterations: int) -> dict:
+        """Adds the projections that arrived since the last call (``iterations`` does not
+        matter: FBP is direct); the volume, three orthogonal slices, the number of projections
+        used and, as ``errors``, the relative change of the volume per call."""
+        comm = self.comm
+        new = self._exchange()
+        if new:
+            indices = [index for index, _ in new]
+            sinograms = np.stack([rows for _, rows in new], axis=1)  # (slab rows, new, bins)
+            part = fbp(sinograms, self.angles[indices], self.bins, self.center)
+            self.sum += part * np.float32(len(new) / np.pi)
+            self.count += len(new)
+        slab = self.sum * np.float32(np.pi / max(self.count, 1))
+        change = float(np.sum((slab - self.previous) ** 2)) if self.previous is not None else 0.0
+        total = float(np.sum(slab.astype(np.float64) ** 2))
+        change, total = comm.allreduce(np.array([change, total]))
+        self.previous = slab
+        if new or not self.errors:
+            self.errors.append(float(np.sqrt(change / total)) if total > 0 else 1.0)
+        slabs = comm.gather(slab, root=0)
+        if comm.rank != 0:
+            return {}
+        volume = np.concatenate(slabs)
+        return {
+            "volume": volume,
+            "slices": _orthoslices(volume),
+            "projections": self.count,
+            "errors": list(self.errors),
+        }
+
+    def restore(self, result: dict) -> None:
+        """Nothing to restore: FBP is a function of the projections alone, and the
+        checkpointed projections are given to the new ranks again."""
+
+    @staticmethod
+    def picture(result: dict, path, title: str = "") -> None:
+        """Three orthogonal central slices of the volume as a PNG."""
+        from sparkmpi.apps.tomo.volume import save_orthoslices_png
+
+        save_orthoslices_png(result["volume"], path, title)
+
+
+def _orthoslices(volume: np.ndarray) -> np.ndarray:
+    """The central (z, y, x) slices, padded into one (3, m, m) array."""
+    nz, ny, nx = volume.shape
+    cuts = [volume[nz // 2], volume[:, ny // 2], volume[:, :, nx // 2]]
+    m = max(max(c.shape) for c in cuts)
+    out = np.zeros((3, m, m), dtype=np.float32)
+    for i, cut in enumerate(cuts):
+        out[i, : cut.shape[0], : cut.shape[1]] = cut
+    return out
