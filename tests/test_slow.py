@@ -209,3 +209,10 @@ def test_bench_stream_faults_quick(tmp_path):
         assert r["frames"] == 48 and r["frames_lost"] == 0 and r["frames_applied_twice"] == 0
     assert results["rank-kill"]["recoveries"] == results["rank-hang"]["recoveries"] == 1
     assert all(results[f]["resumed_after_s"] > 0 for f in ("driver-kill", "rank-kill"))
+
+
+def test_bench_stream_tomo_quick(tmp_path):
+    _, data = run_bench(tmp_path, "stream-tomo", "--quick")
+    assert (data["size"], data["projections"]) == (48, 91)
+    assert data["frames_lost"] == 0 and data["frames_applied_twice"] == 0
+    assert data["max_difference_from_batch_fbp"] < 1e-4 and data["batches"] >= 1

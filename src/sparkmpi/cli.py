@@ -207,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--json", help="write the figures as JSON here")
     stream.add_argument("--plot", help="write a PNG plot here")
     stream.set_defaults(func=_bench("stream"))
+
+    tomo_stream = bench_sub.add_parser("stream-tomo", help="streamed tomography (FBP) via ZeroMQ")
+    tomo_stream.add_argument("--size", type=int, default=256, help="detector edge = volume (256)")
+    tomo_stream.add_argument("--projections", type=int, default=361, help="over 180° (361)")
+    tomo_stream.add_argument("--rate", type=float, default=100.0, help="projections/s (100)")
+    tomo_stream.add_argument("--batch-interval", type=float, default=1.0, help="seconds (1)")
+    tomo_stream.add_argument("--quick", action="store_true", help="91 projections of 48²")
+    tomo_stream.add_argument("--master", help="Spark master URL (default local mode)")
+    tomo_stream.add_argument("--json", help="write the figures as JSON here")
+    tomo_stream.add_argument("--plot", help="write a PNG plot here")
+    tomo_stream.set_defaults(func=_bench("stream_tomo"))
     return parser
 
 
