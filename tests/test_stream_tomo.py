@@ -4,6 +4,7 @@ after the last projection equals the batch FBP of the whole scan."""
 from __future__ import annotations
 
 import threading
+import time
 
 import h5py
 import numpy as np
@@ -11,10 +12,13 @@ import pytest
 
 from sparkmpi.apps.tomo.algorithms import fbp
 from sparkmpi.apps.tomo.phantom import blobs_phantom, simulate_tilt_series
-from sparkmpi.apps.tomo.streaming import TomoStream, golden_order, produce, start_record
+from sparkmpi.apps.tomo.streaming import TomoStream, golden_order, start_record
 from sparkmpi.deploy.ports import free_port
 from sparkmpi.streaming.driver import StreamDriver, StreamSettings
-from sparkmpi.streaming.protocol import MalformedRecord
+from sparkmpi.streaming.endpoints import open_sink
+from sparkmpi.streaming.protocol import Frame, MalformedRecord, ScanEnd
+from sparkmpi.viz.data import load
+from sparkmpi.viz.follow import Follower
 
 
 def test_golden_order_is_a_permutation_spreading_the_angles():
@@ -43,18 +47,36 @@ def test_streamed_volume_equals_the_batch_fbp(spark, tmp_path):
     order = golden_order(count)
     url = f"zmq://127.0.0.1:{free_port()}"
     settings = StreamSettings(batch_interval=0.3, iterations_per_batch=1, final_iterations=1)
+    first = tmp_path / "out" / "tomo-scan" / "batch-00001.h5"
+
+    def send() -> None:  # half, then the rest once a first volume is durable
+        sink = open_sink(url)
+        try:
+            sink.send(start_record(angles[order], projections.shape[1:], "tomo-scan"))
+            for k, index in enumerate(order):
+                if k == count // 2:
+                    deadline = time.monotonic() + 120
+                    while not first.exists() and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                sink.send(Frame("tomo-scan", k, projections[index], time.time()))
+            sink.send(ScanEnd("tomo-scan", time.time()))
+        finally:
+            sink.close()
+
     with StreamDriver(spark, url, tmp_path / "out", settings, app="tomo") as driver:
-        sender = threading.Thread(
-            target=produce, args=(projections[order], angles[order], url, 200.0, "tomo-scan")
-        )
+        sender = threading.Thread(target=send)
         sender.start()
         summary = driver.run_scan(timeout=120)
         sender.join(60)
     assert summary["frames_used"] == count and summary["frames_applied_twice"] == 0
-    assert summary["batch"] >= 2  # the volume was refined batch by batch
+    assert summary["batch"] >= 3  # two or more volumes while it ran, then the final one
     with h5py.File(summary["file"]) as f:
         streamed = f["volume"][()]
         assert f["slices"].shape == (3, n, n) and int(f["projections"][()]) == count
     batch = fbp(projections.transpose(1, 0, 2), angles, n)
     np.testing.assert_allclose(streamed, batch, atol=1e-4 * np.abs(batch).max())
     assert (tmp_path / "out" / "tomo-scan" / "final.png").read_bytes().startswith(b"\x89PNG")
+    live = Follower(str(tmp_path / "out")).newest()  # what spark-mpi view --follow shows
+    shown = load(live)
+    assert shown.volume.shape == (8, n, n) and shown.metadata["scan_id"] == "tomo-scan"
+    assert len(shown.errors) >= 2 and shown.errors[0] == 1.0 and shown.errors[-1] < 1.0

@@ -66,6 +66,8 @@ def load(path: str | os.PathLike) -> Dataset:
         raise ViewerInputError(
             f"{path}: not a volume or result file ({', '.join(VOLUME_SUFFIXES)})"
         )
+    streamed: dict = {}
+    errors: list[float] = []
     try:
         if path.suffix.lower() in (".h5", ".hdf5"):
             import h5py
@@ -73,6 +75,9 @@ def load(path: str | os.PathLike) -> Dataset:
             with h5py.File(path, "r") as f:
                 if "object" in f and "probe" in f:
                     return _ptycho(path, f)
+                if "summary" in f.attrs:  # a streamed volume (streaming tomography)
+                    streamed = json.loads(f.attrs["summary"])
+                    errors = [float(e) for e in f["errors"][()]] if "errors" in f else []
         volume = np.asarray(read_volume(path), dtype=np.float32)
     except ViewerInputError:
         raise
@@ -87,5 +92,6 @@ def load(path: str | os.PathLike) -> Dataset:
         "min": float(volume.min()),
         "max": float(volume.max()),
         "mean": float(volume.mean()),
+        **streamed,
     }
-    return Dataset(str(path), volume=volume, metadata=stats)
+    return Dataset(str(path), volume=volume, metadata=stats, errors=errors)

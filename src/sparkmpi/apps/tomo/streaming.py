@@ -141,8 +141,8 @@ class TomoStream:
             self.sum += part * np.float32(len(new) / np.pi)
             self.count += len(new)
         slab = self.sum * np.float32(np.pi / max(self.count, 1))
-        change = float(np.sum((slab - self.previous) ** 2)) if self.previous is not None else 0.0
         total = float(np.sum(slab.astype(np.float64) ** 2))
+        change = total if self.previous is None else float(np.sum((slab - self.previous) ** 2))
         change, total = comm.allreduce(np.array([change, total]))
         self.previous = slab
         if new or not self.errors:
