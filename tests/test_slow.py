@@ -216,3 +216,9 @@ def test_bench_stream_tomo_quick(tmp_path):
     assert (data["size"], data["projections"]) == (48, 91)
     assert data["frames_lost"] == 0 and data["frames_applied_twice"] == 0
     assert data["max_difference_from_batch_fbp"] < 1e-4 and data["batches"] >= 1
+
+
+def test_bench_stream_v2_small(tmp_path):
+    _, data = run_bench(tmp_path, "stream-v2", "--frames", "200", "--size", "128")
+    assert data["frames"] == 200 and data["raw_images_per_s"] > 0 and data["pipeline"]["rate"] > 0
+    assert data["pipeline"]["lost"] == 0 and data["pipeline"]["malformed"] == 0

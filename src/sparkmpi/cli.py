@@ -218,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     tomo_stream.add_argument("--json", help="write the figures as JSON here")
     tomo_stream.add_argument("--plot", help="write a PNG plot here")
     tomo_stream.set_defaults(func=_bench("stream_tomo"))
+
+    v2 = bench_sub.add_parser("stream-v2", help="DECTRIS Stream V2 ingest into the ranks")
+    v2.add_argument("--frames", type=int, default=4000, help="images per run (4000)")
+    v2.add_argument("--size", type=int, default=512, help="image side in pixels (512)")
+    v2.add_argument("--ranks", type=int, default=2)
+    v2.add_argument("--batch-interval", type=float, default=0.5, help="seconds (0.5)")
+    v2.add_argument("--master", help="Spark master URL (default local[RANKS])")
+    v2.add_argument("--json", help="write the figures as JSON here")
+    v2.add_argument("--plot", help="write a PNG plot here")
+    v2.set_defaults(func=_bench("stream_v2"))
     return parser
 
 

@@ -135,6 +135,7 @@ class StreamAccess:
 
     kafka_config: dict[str, str] = field(default_factory=dict)
     curve: CurveKeys | None = None
+    data_roots: tuple[str, ...] = ()  # where files named by received documents may be read
 
     def __post_init__(self) -> None:
         for key in self.kafka_config:
@@ -145,12 +146,20 @@ class StreamAccess:
         cls,
         kafka_config: str | os.PathLike | None = None,
         zmq_keys: str | os.PathLike | None = None,
+        data_roots=(),
     ) -> StreamAccess:
-        """From the ``--kafka-config FILE`` and ``--zmq-keys DIR`` options (either may be
-        None); :class:`StreamError`, one line, if a file or a key is not usable."""
+        """From the ``--kafka-config FILE``, ``--zmq-keys DIR`` and ``--data-root DIR``
+        options (any may be absent); :class:`StreamError`, one line, if a file, a key or a
+        directory is not usable."""
+        roots = []
+        for root in data_roots or ():
+            if not Path(root).is_dir():
+                raise StreamError(f"--data-root {root}: not a directory")
+            roots.append(os.path.realpath(root))
         return cls(
             read_kafka_config(kafka_config) if kafka_config is not None else {},
             load_curve_keys(zmq_keys) if zmq_keys is not None else None,
+            tuple(roots),
         )
 
 

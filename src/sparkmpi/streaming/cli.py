@@ -28,7 +28,7 @@ def _seconds(text: str) -> float:
 def _access(args: argparse.Namespace):
     from sparkmpi.streaming.access import StreamAccess
 
-    return StreamAccess.load(args.kafka_config, args.zmq_keys)
+    return StreamAccess.load(args.kafka_config, args.zmq_keys, getattr(args, "data_root", ()))
 
 
 def _add_access_options(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +79,13 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
     access = _access(args)
     scan = read_cxi(args.scan)
-    done = produce(scan, args.to, args.rate, args.scan_id, log=print, access=access)
+    if args.format == "stream-v2":
+        from sparkmpi.streaming.stream_v2_sim import produce_stream_v2
+
+        print(f"a Stream V2 detector at {args.to}: waiting for a client to connect")
+        done = produce_stream_v2(scan, args.to, args.rate, args.series_id, log=print)
+    else:
+        done = produce(scan, args.to, args.rate, args.scan_id, log=print, access=access)
     span = done["last"] - done["first"]
     print(f"scan {done['scan_id']}: {done['frames']} frames sent to {args.to} in {span:.1f} s")
     return 0
@@ -147,11 +153,30 @@ def add_commands(sub) -> None:
     produce.add_argument("--to", required=True, help="kafka://HOST:PORT/TOPIC or zmq://HOST:PORT")
     produce.add_argument("--rate", type=float, default=20.0, help="frames per second (20; 0: max)")
     produce.add_argument("--scan-id", help="scan id (default: random)")
+    produce.add_argument(
+        "--format",
+        choices=("sparkmpi", "stream-v2"),
+        default="sparkmpi",
+        help="stream-v2: act as a DECTRIS detector, binding --to stream-v2://HOST:PORT",
+    )
+    produce.add_argument("--series-id", type=int, default=1, help="stream-v2 series number")
     _add_access_options(produce)
     produce.set_defaults(func=cmd_produce)
 
     run = stream_sub.add_parser("run", help="the micro-batch pipeline into MPI ranks")
-    run.add_argument("--source", required=True, help="kafka://HOST:PORT/TOPIC or zmq://HOST:PORT")
+    run.add_argument(
+        "--source",
+        required=True,
+        help="kafka://HOST:PORT/TOPIC, zmq://HOST:PORT, stream-v2://DETECTOR:PORT (DECTRIS) "
+        "or bluesky+kafka://HOST:PORT/TOPIC",
+    )
+    run.add_argument(
+        "--data-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory whose files received documents may name (Bluesky resources); repeat",
+    )
     run.add_argument("--app", default="ptycho", choices=("ptycho", "tomo"))
     run.add_argument("--out", default="stream-out", help="results and checkpoints (stream-out)")
     run.add_argument("--batch-interval", type=_seconds, default=2.0, help="e.g. 2s or 500ms")

@@ -1,4 +1,5 @@
-"""Stream URLs: ``kafka://HOST:PORT/TOPIC`` and ``zmq://HOST:PORT``."""
+"""Stream URLs: ``kafka://HOST:PORT/TOPIC``, ``zmq://HOST:PORT`` and (a source only)
+``bluesky+kafka://HOST:PORT/TOPIC``."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ if TYPE_CHECKING:
 def parse(url: str) -> tuple[str, str, int, str]:
     """(scheme, host, port, topic) of a stream URL; :class:`StreamError` naming what is wrong."""
     parsed = urlparse(url)
-    if parsed.scheme not in ("kafka", "zmq"):
+    if parsed.scheme not in ("kafka", "zmq", "bluesky+kafka", "stream-v2"):
         raise StreamError(
-            f"{url}: stream URLs look like kafka://HOST:PORT/TOPIC or zmq://HOST:PORT"
+            f"{url}: stream URLs look like kafka://HOST:PORT/TOPIC, zmq://HOST:PORT, "
+            "bluesky+kafka://HOST:PORT/TOPIC or stream-v2://DETECTOR:PORT"
         )
     try:
         port = parsed.port
@@ -25,8 +27,8 @@ def parse(url: str) -> tuple[str, str, int, str]:
     if not parsed.hostname or port is None:
         raise StreamError(f"{url}: needs a host and a port")
     topic = parsed.path.strip("/")
-    if parsed.scheme == "kafka" and not topic:
-        raise StreamError(f"{url}: a Kafka URL needs a topic, kafka://HOST:PORT/TOPIC")
+    if parsed.scheme in ("kafka", "bluesky+kafka") and not topic:
+        raise StreamError(f"{url}: a Kafka URL needs a topic, {parsed.scheme}://HOST:PORT/TOPIC")
     return parsed.scheme, parsed.hostname, port, topic
 
 
@@ -35,7 +37,7 @@ def check(url: str, access: StreamAccess | None = None) -> None:
     client made with ``access``'s Kafka settings, or (ZeroMQ) ``access``'s keys lack the
     driver's."""
     scheme, host, port, _ = parse(url)
-    if scheme == "kafka":
+    if scheme in ("kafka", "bluesky+kafka"):
         from sparkmpi.streaming.kafka_transport import check_broker
 
         check_broker(f"{host}:{port}", config=access.kafka_config if access else None)
@@ -52,6 +54,16 @@ def open_source(url: str, log=print, access: StreamAccess | None = None):
 
         config = access.kafka_config if access else None
         return KafkaSource(f"{host}:{port}", topic, log=log, config=config)
+    if scheme == "bluesky+kafka":
+        from sparkmpi.streaming.bluesky_source import BlueskySource
+
+        config = access.kafka_config if access else None
+        roots = access.data_roots if access else ()
+        return BlueskySource(f"{host}:{port}", topic, log=log, config=config, data_roots=roots)
+    if scheme == "stream-v2":  # DECTRIS Stream V2: connects to the detector's PUSH socket
+        from sparkmpi.streaming.stream_v2 import StreamV2Source
+
+        return StreamV2Source(host, port, log=log)
     from sparkmpi.streaming.zmq_transport import ZmqSource
 
     return ZmqSource(host, port, log=log, curve=access.curve if access else None)
@@ -61,6 +73,15 @@ def open_sink(url: str, access: StreamAccess | None = None):
     """The producer-side sink for ``url``; with ``access``, its Kafka clients get
     ``access.kafka_config`` and a ZeroMQ sink is a CURVE client with ``access.curve``."""
     scheme, host, port, topic = parse(url)
+    if scheme == "bluesky+kafka":
+        raise StreamError(
+            f"{url}: a bluesky+kafka URL is only a source; publish with bluesky_kafka.Publisher"
+        )
+    if scheme == "stream-v2":
+        raise StreamError(
+            f"{url}: a stream-v2 URL is only a source; simulate a detector with "
+            "spark-mpi stream produce --format stream-v2"
+        )
     if scheme == "kafka":
         from sparkmpi.streaming.kafka_transport import KafkaSink
 
