@@ -236,6 +236,15 @@ def _ramp_filter(n_det: int, kind: str) -> tuple[np.ndarray, int]:
     return ramp, size
 
 
+def ramp_filtered(sinograms, filter: str = "ramlak", xp: ModuleType = np):
+    """``sinograms`` (..., n_det) filtered along the detector axis with ``filter`` (ramlak,
+    shepp-logan, hann), float32, in ``xp``'s arrays."""
+    n_det = sinograms.shape[-1]
+    ramp, size = _ramp_filter(n_det, filter)
+    spectrum = xp.fft.rfft(sinograms, n=size, axis=-1) * xp.asarray(ramp)
+    return xp.fft.irfft(spectrum, n=size, axis=-1)[..., :n_det].astype(xp.float32)
+
+
 def fbp(
     sinograms: np.ndarray,
     angles_deg: np.ndarray,
@@ -252,9 +261,7 @@ def fbp(
     nz, n_angles, n_det = sinograms.shape
     n = n_det if n is None else n
     center = (n_det - 1) / 2 if center is None else float(center)
-    ramp, size = _ramp_filter(n_det, filter)
-    spectrum = xp.fft.rfft(sinograms, n=size, axis=-1) * xp.asarray(ramp)
-    filtered = xp.fft.irfft(spectrum, n=size, axis=-1)[..., :n_det].astype(xp.float32)
+    filtered = ramp_filtered(sinograms, filter, xp)
     coords = xp.arange(n) - (n - 1) / 2
     yy, xx = xp.meshgrid(coords, coords, indexing="ij")
     out = xp.zeros((nz, n * n), dtype=xp.float32)

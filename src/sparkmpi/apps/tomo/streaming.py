@@ -4,7 +4,8 @@ refines a filtered back-projection of all projections so far.
 
 Each rank reconstructs a slab of slices (detector rows). Frames reach the rank that owns their
 index; at each ``iterate`` the ranks exchange the new projections' rows so every rank gets the
-rows of its slab, and add their filtered back-projections to its running sum. FBP is linear,
+rows of its slab, and add their filtered back-projections (a numba kernel, the same sum as
+:func:`~sparkmpi.apps.tomo.algorithms.fbp`) to its running sum. FBP is linear,
 so the volume after the last projection equals the batch FBP of the whole scan, in whatever
 order and batches the projections came.
 
@@ -19,9 +20,10 @@ from __future__ import annotations
 import itertools
 import uuid
 
+import numba
 import numpy as np
 
-from sparkmpi.apps.tomo.algorithms import fbp
+from sparkmpi.apps.tomo.algorithms import ramp_filtered
 from sparkmpi.streaming.producer import replay
 from sparkmpi.streaming.protocol import MalformedRecord, ScanStart, check_scan_id
 
@@ -135,10 +137,10 @@ class TomoStream:
         comm = self.comm
         new = self._exchange()
         if new:
-            indices = [index for index, _ in new]
-            sinograms = np.stack([rows for _, rows in new], axis=1)  # (slab rows, new, bins)
-            part = fbp(sinograms, self.angles[indices], self.bins, self.center)
-            self.sum += part * np.float32(len(new) / np.pi)
+            theta = np.deg2rad(self.angles[[index for index, _ in new]])
+            filtered = ramp_filtered(np.stack([rows for _, rows in new], axis=1))
+            center = (self.bins - 1) / 2 if self.center is None else self.center
+            _backproject(filtered, np.cos(theta), np.sin(theta), center, self.sum)
             self.count += len(new)
         slab = self.sum * np.float32(np.pi / max(self.count, 1))
         total = float(np.sum(slab.astype(np.float64) ** 2))
@@ -168,6 +170,29 @@ class TomoStream:
         from sparkmpi.apps.tomo.volume import save_orthoslices_png
 
         save_orthoslices_png(result["volume"], path, title)
+
+
+@numba.njit(parallel=True, cache=True)
+def _backproject(filtered, cosines, sines, center, out):  # pragma: no cover - compiled
+    """Adds the back-projections of ``filtered`` (rows, angles, bins) to ``out`` (rows, n, n),
+    with linear interpolation in the geometry of :func:`~sparkmpi.apps.tomo.algorithms.fbp`
+    (the same sum it makes, angle by angle)."""
+    rows, count, bins = filtered.shape
+    n = out.shape[1]
+    half = (n - 1) / 2
+    for r in numba.prange(rows):
+        for iy in range(n):
+            y = iy - half
+            for ix in range(n):
+                x = ix - half
+                total = np.float32(0.0)
+                for a in range(count):
+                    t = x * cosines[a] + y * sines[a] + center
+                    i0 = int(np.floor(t))
+                    if i0 >= 0 and i0 + 1 < bins:
+                        w = np.float32(t - i0)
+                        total += filtered[r, a, i0] * (1 - w) + filtered[r, a, i0 + 1] * w
+                out[r, iy, ix] += total
 
 
 def _orthoslices(volume: np.ndarray) -> np.ndarray:
