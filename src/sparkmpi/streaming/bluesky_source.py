@@ -11,12 +11,18 @@ events the ranks already hold, and those are not handed out again.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 
 from sparkmpi.streaming.bluesky_docs import Run, Translator
-from sparkmpi.streaming.kafka_transport import check_broker, client_config, consumer_config
+from sparkmpi.streaming.kafka_transport import (
+    Backoff,
+    ResultsTopic,
+    check_broker,
+    client_config,
+    consume,
+    consumer_config,
+)
 from sparkmpi.streaming.protocol import ScanStart
 
 MAX_MESSAGES_PER_POLL = 10_000
@@ -99,26 +105,15 @@ class BlueskySource:
         self.docs = Translator(log=log, data_roots=data_roots)
         self.scan: ScanStart | None = None
         self._seek: dict[str, dict[int, int]] = {}
-        self._backoff = 0.0
-        self._results = None
+        self.backoff = Backoff(log)
+        self._results = ResultsTopic(bootstrap, topic, self.config)
 
     def _read(self, timeout: float) -> None:
         """Feeds the documents that arrive within ``timeout`` s (all already there first)."""
-        deadline = time.monotonic() + timeout
-        for _ in range(MAX_MESSAGES_PER_POLL):
-            msg = self.consumer.poll(max(0.0, min(0.1, deadline - time.monotonic())))
-            if self._errors:
-                trouble, self._errors = self._errors[-1], []
-                self._trouble(trouble)
-                return
-            if msg is None:
-                if time.monotonic() >= deadline:
-                    return
-                continue
-            if msg.error():
-                self._trouble(str(msg.error()))
-                return
-            self._backoff = 0.0
+        messages = consume(
+            self.consumer, timeout, self._errors, self.backoff, MAX_MESSAGES_PER_POLL
+        )
+        for msg in messages:
             partition, offset = msg.partition(), msg.offset()
             self._next[partition] = offset + 1
             try:
@@ -128,11 +123,6 @@ class BlueskySource:
                 continue
             self.docs.feed(partition, offset, name, doc)
             self._apply_seek()
-
-    def _trouble(self, what: str) -> None:
-        self._backoff = min(max(2 * self._backoff, 0.5), 8.0)
-        self.log(f"kafka broker trouble ({what}); retrying in {self._backoff:.1f} s")
-        time.sleep(self._backoff)
 
     def _apply_seek(self) -> None:
         for scan_id, position in list(self._seek.items()):
@@ -240,12 +230,7 @@ class BlueskySource:
 
     def publish_result(self, summary: dict) -> None:
         """Publishes ``summary`` (JSON) to ``TOPIC.results``."""
-        from confluent_kafka import Producer
-
-        if self._results is None:
-            self._results = Producer(client_config(self.bootstrap, self.config))
-        self._results.produce(f"{self.topic}.results", value=json.dumps(summary).encode())
-        self._results.flush(5)
+        self._results.publish(summary)
 
     def close(self) -> None:
         self.consumer.close()

@@ -5,15 +5,16 @@ driver neither misses an unfinished scan nor replays finished ones."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 
 from sparkmpi.streaming.kafka_transport import (
     HEADER,
+    Backoff,
     KafkaRange,
+    ResultsTopic,
     check_broker,
-    client_config,
+    consume,
     consumer_config,
     ensure_topics,
 )
@@ -62,26 +63,12 @@ class KafkaSource:
         self._delivered: dict[str, dict[int, int]] = {}
         self._ended: set[str] = set()
         self.next_offset: dict[int, int] = {}
-        self._backoff = 0.0
+        self.backoff = Backoff(log)
         self._pending_starts: list[ScanStart] = []
-        self._results = None  # the results producer, made on first use
+        self._results = ResultsTopic(bootstrap, topic, self.config)
 
     def _poll_control(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            msg = self.control.poll(max(0.0, min(0.1, deadline - time.monotonic())))
-            if self._errors:
-                trouble, self._errors = self._errors[-1], []
-                self._broker_trouble(trouble)
-                return
-            if msg is None:
-                if time.monotonic() >= deadline:
-                    return
-                continue
-            if msg.error():
-                self._broker_trouble(str(msg.error()))
-                return
-            self._backoff = 0.0
+        for msg in consume(self.control, timeout, self._errors, self.backoff):
             self._control_next = msg.offset() + 1
             try:
                 record = decode(dict(msg.headers() or []).get(HEADER), msg.value())
@@ -98,11 +85,6 @@ class KafkaSource:
                 delivered[p] = max(delivered.get(p, 0), o)
             if isinstance(record, ScanEnd):
                 self._ended.add(record.scan_id)
-
-    def _broker_trouble(self, what: str) -> None:
-        self._backoff = min(max(2 * self._backoff, 0.5), 8.0)
-        self.log(f"kafka broker trouble ({what}); retrying in {self._backoff:.1f} s")
-        time.sleep(self._backoff)
 
     def wait_for_scan(self, timeout: float | None = None, skip: set[str] = frozenset()):
         """The next scan-start record (not one of ``skip``), or None after ``timeout`` s."""
@@ -210,12 +192,7 @@ class KafkaSource:
         return work
 
     def publish_result(self, summary: dict) -> None:
-        from confluent_kafka import Producer
-
-        if self._results is None:
-            self._results = Producer(client_config(self.bootstrap, self.config))
-        self._results.produce(f"{self.topic}.results", value=json.dumps(summary).encode())
-        self._results.flush(5)
+        self._results.publish(summary)
 
     def close(self) -> None:
         self.control.close()

@@ -9,6 +9,7 @@ broker's high watermarks.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -226,3 +227,63 @@ def read_range(item: KafkaRange) -> tuple[list[tuple[bytes | None, bytes]], int]
         records.append((headers.get(HEADER), msg.value() or b""))
         reached = msg.offset() + 1
     return records, reached
+
+
+class Backoff:
+    """A broker in trouble: each :meth:`trouble` logs one line and waits twice as long as the
+    last (0.5 s to 8 s); :meth:`reset` once messages flow again."""
+
+    def __init__(self, log=print):
+        self.log, self.wait = log, 0.0
+
+    def trouble(self, what: str) -> None:
+        self.wait = min(max(2 * self.wait, 0.5), 8.0)
+        self.log(f"kafka broker trouble ({what}); retrying in {self.wait:.1f} s")
+        time.sleep(self.wait)
+
+    def reset(self) -> None:
+        self.wait = 0.0
+
+
+def consume(
+    consumer, timeout: float, errors: list[str], backoff: Backoff, limit: int | None = None
+):
+    """Yields the messages ``consumer`` delivers within ``timeout`` s (at most ``limit``). A
+    broker error — reported by the consumer's ``error_cb`` into ``errors``, or carried by a
+    message — goes to ``backoff`` and ends the iteration; a good message resets it."""
+    deadline = time.monotonic() + timeout
+    count = 0
+    while limit is None or count < limit:
+        msg = consumer.poll(max(0.0, min(0.1, deadline - time.monotonic())))
+        if errors:
+            trouble = errors[-1]
+            errors.clear()
+            backoff.trouble(trouble)
+            return
+        if msg is None:
+            if time.monotonic() >= deadline:
+                return
+            continue
+        if msg.error():
+            backoff.trouble(str(msg.error()))
+            return
+        backoff.reset()
+        count += 1
+        yield msg
+
+
+class ResultsTopic:
+    """Publishes batch summaries (JSON) to ``TOPIC.results``; the producer is made on first
+    use."""
+
+    def __init__(self, bootstrap: str, topic: str, config: Mapping[str, str] | None = None):
+        self.bootstrap, self.topic, self.config = bootstrap, f"{topic}.results", config
+        self._producer = None
+
+    def publish(self, summary: dict) -> None:
+        from confluent_kafka import Producer
+
+        if self._producer is None:
+            self._producer = Producer(client_config(self.bootstrap, self.config))
+        self._producer.produce(self.topic, value=json.dumps(summary).encode())
+        self._producer.flush(5)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparkmpi.streaming.protocol import FRAMES_MAX, Frame, MalformedRecord, ScanStart, check_scan_id
+from sparkmpi.streaming.queued import QueuedSource
 from sparkmpi.streaming.stream_v2_cbor import DTYPES, loads, plain
 
 PORT = 31001
@@ -145,7 +146,7 @@ def _image(scan_id: str, index: int, message, received: float) -> StreamV2Image:
     return StreamV2Image(scan_id, index, bytes(message), received)
 
 
-class StreamV2Source:
+class StreamV2Source(QueuedSource):
     """Driver side: a PULL socket connected to a detector's Stream V2 PUSH socket at
     ``tcp://host:port``, read by a background thread. Each series is one scan; its images wait
     in a queue until the driver takes the scan. A message that cannot be used is logged (one
@@ -169,15 +170,11 @@ class StreamV2Source:
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)  # a bigger one drops the peer
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(self.endpoint)
-        self.scan: ScanStart | None = None
+        self._init_queue()  # of StreamV2Image
         self.rejected = 0
         self._series: dict[tuple[int, str], ScanStart] = {}  # every series started, by identity
         self._last: str | None = None  # the newest series
-        self._ended: set[str] = set()
         self._dropped: set[str] = set()
-        self._starts: list[ScanStart] = []
-        self._images: list[StreamV2Image] = []
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._receive, name="sparkmpi-sv2", daemon=True)
         self._thread.start()
@@ -232,26 +229,14 @@ class StreamV2Source:
             if index >= scan.frames:
                 raise MalformedRecord(f"image_id {index} outside 0..{scan.frames - 1}")
             if scan.scan_id not in self._dropped:
-                self._images.append(StreamV2Image(scan.scan_id, index, raw, time.time()))
+                self._queue.append(StreamV2Image(scan.scan_id, index, raw, time.time()))
         elif kind == "end":
             self._ended.add(self._known(message).scan_id)
         else:
             raise MalformedRecord(f"unknown message type {kind!r}")
 
-    def wait_for_scan(self, timeout: float | None = None, skip: set[str] = frozenset()):
-        """The next series started and not in ``skip`` (those are dropped), waiting up to
-        ``timeout`` s (None: for ever); None if there is none by then."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while deadline is None or time.monotonic() < deadline:
-            with self._lock:
-                while self._starts:
-                    start = self._starts.pop(0)
-                    if start.scan_id not in skip:
-                        self.scan = start
-                        return start
-                    self._drop(start.scan_id)
-            time.sleep(0.05)
-        return None
+    def _skipped(self, scan_id: str) -> None:
+        self._drop(scan_id)
 
     def resume(self, scan: ScanStart) -> None:
         """Makes ``scan`` (saved by an earlier driver) current; its later images are taken."""
@@ -263,49 +248,16 @@ class StreamV2Source:
 
     def _drop(self, scan_id: str) -> None:
         self._dropped.add(scan_id)
-        self._images = [m for m in self._images if m.scan_id != scan_id]
+        self._queue = [m for m in self._queue if m.scan_id != scan_id]
 
     def _mine(self) -> list[StreamV2Image]:
         current = self.scan.scan_id if self.scan else None
-        return [m for m in self._images if m.scan_id == current]
-
-    def poll(self, timeout: float = 0.0) -> list[StreamV2Image]:
-        """The current scan's images received and not yet processed."""
-        if timeout:
-            time.sleep(timeout)
-        with self._lock:
-            return self._mine()
-
-    @property
-    def ended(self) -> bool:
-        return self.scan is not None and self.scan.scan_id in self._ended
-
-    def complete(self) -> bool:
-        with self._lock:
-            return self.ended and not self._mine()
-
-    def advance(self, reached: dict[int, int], items: list) -> None:
-        """Forgets ``items`` (returned by :meth:`poll`): they are processed."""
-        done = {id(item) for item in items}
-        with self._lock:
-            self._images = [m for m in self._images if id(m) not in done]
-
-    def position(self) -> dict:
-        return {}  # ZeroMQ cannot replay: no position to checkpoint
-
-    def seek(self, position: dict) -> None:
-        return None  # what was received and not yet processed is still queued
+        return [m for m in self._queue if m.scan_id == current]
 
     def finished(self, scan_id: str) -> None:
         """Drops what is queued, or still comes, for ``scan_id``."""
         with self._lock:
             self._drop(scan_id)
-
-    def commit(self) -> None:
-        return None
-
-    def publish_result(self, summary: dict) -> None:
-        return None
 
     def route(self, items: list[StreamV2Image], ranks: int) -> list[list]:
         """Work per rank: image ``index`` goes to rank ``index % ranks`` (its owner)."""

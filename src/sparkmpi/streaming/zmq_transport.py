@@ -13,7 +13,8 @@ import time
 from typing import TYPE_CHECKING
 
 from sparkmpi.streaming.kafka_transport import StreamError
-from sparkmpi.streaming.protocol import MalformedRecord, ScanStart, decode, encode
+from sparkmpi.streaming.protocol import MalformedRecord, decode, encode
+from sparkmpi.streaming.queued import QueuedSource
 
 if TYPE_CHECKING:
     from sparkmpi.streaming.access import CurveKeys
@@ -112,7 +113,7 @@ class ZmqSink:
             )
 
 
-class ZmqSource:
+class ZmqSource(QueuedSource):
     """Driver side: binds a PULL socket and queues what arrives; frames are routed to ranks by
     index, so a duplicate always meets the rank that has the original."""
 
@@ -140,11 +141,7 @@ class ZmqSource:
         except zmq.ZMQError:
             self._release()
             raise
-        self.scan: ScanStart | None = None
-        self._ended: set[str] = set()
-        self._starts: list[ScanStart] = []
-        self._frames: list[tuple[str, int, bytes, bytes]] = []  # (scan id, index, header, payload)
-        self._lock = threading.Lock()
+        self._init_queue()  # of (scan id, index, header, payload)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._receive, name="sparkmpi-zmq", daemon=True)
         self._thread.start()
@@ -176,7 +173,7 @@ class ZmqSource:
                 else:
                     meta = meta if isinstance(meta, dict) else {}
                     index = meta.get("index", 0)
-                    self._frames.append(
+                    self._queue.append(
                         (
                             str(meta.get("scan_id")),
                             int(index) if str(index).isdigit() else 0,
@@ -185,63 +182,12 @@ class ZmqSource:
                         )
                     )
 
-    def wait_for_scan(self, timeout: float | None = None, skip: set[str] = frozenset()):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while deadline is None or time.monotonic() < deadline:
-            with self._lock:
-                while self._starts:
-                    start = self._starts.pop(0)
-                    if start.scan_id not in skip:
-                        self.scan = start
-                        return start
-            time.sleep(0.05)
-        return None
-
-    def resume(self, scan: ScanStart) -> None:
-        """Makes ``scan`` (saved by an earlier driver) the current scan: its frames still to
-        come are taken, those received by the dead driver and not checkpointed are lost."""
-        self.scan = scan
-
     def _mine(self) -> list[tuple[str, int, bytes, bytes]]:
         """Queued messages for the current scan, and those of no scan that is waiting to start
         (they are reported as malformed); a waiting scan's frames stay queued for it."""
         waiting = {start.scan_id for start in self._starts}
         current = self.scan.scan_id if self.scan else None
-        return [m for m in self._frames if m[0] == current or m[0] not in waiting]
-
-    def poll(self, timeout: float = 0.0) -> list[tuple[str, int, bytes, bytes]]:
-        """Messages received for this scan and not yet processed."""
-        if timeout:
-            time.sleep(timeout)
-        with self._lock:
-            return self._mine()
-
-    @property
-    def ended(self) -> bool:
-        return self.scan is not None and self.scan.scan_id in self._ended
-
-    def complete(self) -> bool:
-        with self._lock:
-            return self.ended and not self._mine()
-
-    def advance(self, reached: dict[int, int], items: list) -> None:
-        """Forgets ``items`` (returned by :meth:`poll`): they are processed."""
-        done = {id(item) for item in items}
-        with self._lock:
-            self._frames = [m for m in self._frames if id(m) not in done]
-
-    def position(self) -> dict:
-        """ZeroMQ cannot replay: there is no position to checkpoint."""
-        return {}
-
-    def seek(self, position: dict) -> None:
-        """Nothing to do: what was received and not yet processed is still queued."""
-
-    def finished(self, scan_id: str) -> None:
-        """Nothing to do: ZeroMQ keeps no position."""
-
-    def commit(self) -> None:
-        return None
+        return [m for m in self._queue if m[0] == current or m[0] not in waiting]
 
     def route(self, items: list[tuple[str, int, bytes, bytes]], ranks: int) -> list[list]:
         """Work per rank: frame ``index`` goes to rank ``index % ranks`` (its owner)."""
@@ -249,9 +195,6 @@ class ZmqSource:
         for _, index, header, payload in items:
             work[index % ranks].append((header, payload))
         return work
-
-    def publish_result(self, summary: dict) -> None:
-        return None
 
     def _release(self) -> None:
         self.socket.close(linger=0)
