@@ -144,3 +144,10 @@ def gpu_worker_cluster(workdir, workers: int, cores: int, gpus: list[str]):
         f"-Dspark.worker.resource.gpu.discoveryScript={discovery}"
     )
     return cluster
+
+
+class Log(list):
+    """A ``log=`` callable for drivers and sources that keeps the lines it is given."""
+
+    def __call__(self, line: str) -> None:
+        self.append(line)

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
+from helpers import Log
 from sparkmpi.apps.ptycho.simulate import simulate
 from sparkmpi.apps.ptycho.solver import phase_error
 from sparkmpi.deploy.ports import free_port
@@ -56,11 +57,6 @@ def scan_npz(tmp_path_factory):
 def broker():
     with TansuBroker() as running:
         yield running
-
-
-class Log(list):
-    def __call__(self, line: str) -> None:
-        self.append(line)
 
 
 def test_the_foreign_producer_imports_no_sparkmpi():

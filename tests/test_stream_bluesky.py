@@ -16,6 +16,7 @@ from bluesky.plans import list_scan
 from bluesky_kafka import Publisher
 from ophyd.sim import SynAxis, SynSignal, SynSignalWithRegistry
 
+from helpers import Log
 from sparkmpi.apps.ptycho.simulate import simulate
 from sparkmpi.apps.ptycho.solver import phase_error
 from sparkmpi.streaming.access import StreamAccess
@@ -40,11 +41,6 @@ def broker():
 @pytest.fixture(scope="module")
 def scan():
     return simulate(48, 64)
-
-
-class Log(list):
-    def __call__(self, line: str) -> None:
-        self.append(line)
 
 
 def sparkmpi_md(scan, **extra) -> dict:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import zmq
 
+from helpers import Log
 from sparkmpi.apps.ptycho.simulate import simulate
 from sparkmpi.apps.ptycho.solver import phase_error
 from sparkmpi.deploy.ports import free_port
@@ -23,11 +24,6 @@ from sparkmpi.streaming.protocol import MalformedRecord
 from sparkmpi.streaming.stream_v2 import StreamV2Image, StreamV2Source, start_record
 from sparkmpi.streaming.stream_v2_cbor import loads
 from sparkmpi.streaming.stream_v2_sim import CHANNEL, counts, messages, produce_stream_v2
-
-
-class Log(list):
-    def __call__(self, line: str) -> None:
-        self.append(line)
 
 
 def wait_for(condition, what: str, timeout: float = 30.0) -> None:

@@ -13,7 +13,7 @@ import time
 import h5py
 import pytest
 
-from helpers import spark_mpi
+from helpers import Log, spark_mpi
 from sparkmpi.apps.ptycho.pipeline import reconstruct
 from sparkmpi.apps.ptycho.simulate import simulate
 from sparkmpi.apps.ptycho.solver import SolverSettings, phase_error
@@ -46,11 +46,6 @@ def scan():
 
 def url_for(transport: str, broker, topic: str) -> str:
     return f"{broker.url}/{topic}" if transport == "kafka" else f"zmq://127.0.0.1:{free_port()}"
-
-
-class Log(list):
-    def __call__(self, line: str) -> None:
-        self.append(line)
 
 
 def stream(spark, url, scan, tmp_path, send, settings=FAST):
