@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -70,15 +71,31 @@ def rank_processes() -> list[psutil.Process]:
     return found
 
 
-def spark_mpi(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """The ``spark-mpi`` command run with ``args`` (no stdin), its output captured."""
-    return subprocess.run(
-        [sys.executable, "-m", "sparkmpi.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+def run_command(command: list[str], timeout: float, env=None) -> subprocess.CompletedProcess:
+    """``command`` run in a process group of its own (no stdin), its output captured; past
+    ``timeout`` the whole group is killed (not only the command: a Spark driver's JVM and what
+    it started go too) and TimeoutExpired is raised."""
+    process = subprocess.Popen(
+        command,
         stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
     )
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def spark_mpi(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """The ``spark-mpi`` command run with ``args`` (see :func:`run_command`)."""
+    return run_command([sys.executable, "-m", "sparkmpi.cli", *args], timeout)
 
 
 def run_bench(tmp_path, name: str, *args: str, timeout: float = 300, env=None):
@@ -86,13 +103,8 @@ def run_bench(tmp_path, name: str, *args: str, timeout: float = 300, env=None):
     drew a plot; returns the finished process and the JSON it wrote."""
     out_json, out_png = tmp_path / f"{name}.json", tmp_path / f"{name}.png"
     outputs = ["--json", str(out_json), "--plot", str(out_png)]
-    done = subprocess.run(
-        [sys.executable, "-m", "sparkmpi.cli", "bench", name, *args, *outputs],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    command = [sys.executable, "-m", "sparkmpi.cli", "bench", name, *args, *outputs]
+    done = run_command(command, timeout, env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert out_png.stat().st_size > 1000
     return done, json.loads(out_json.read_text())

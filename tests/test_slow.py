@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import gpu_worker_cluster, run_bench
+from helpers import gpu_worker_cluster, run_bench, run_command
 from sparkmpi import run_mpi
 
 pytestmark = pytest.mark.slow
@@ -102,10 +102,10 @@ def test_bench_conformance_spawn_and_dynproc_match_mpiexec(tmp_path):
     if not (default_testdir() / "main.py").exists():
         pytest.skip(f"no mpi4py test suite at {default_testdir()} (scripts/setup.sh)")
     modules = "test_spawn,test_dynproc,test_comm"
-    done = subprocess.run(
+    done = run_command(
         [sys.executable, "-m", "sparkmpi.cli", "bench", "conformance", "--modules", modules,
          "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png")],
-        capture_output=True, text=True, timeout=540,
+        540,
     )  # fmt: skip
     data = json.loads((tmp_path / "c.json").read_text())
     assert (tmp_path / "c.png").stat().st_size > 1000, done.stderr[-2000:]

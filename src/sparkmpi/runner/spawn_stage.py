@@ -45,8 +45,10 @@ def check_placement(placement: str | None) -> str:
     return placement
 
 
-def free_slots(sc) -> int:
-    """Task slots of the cluster that no running task holds now."""
+def free_slots(sc, held: int = 0) -> int:
+    """Task slots of the cluster that no running task holds now. Spark's status tracker can
+    lag behind the tasks that run (it learns of them through its listener bus), so at least
+    ``held`` slots (those our own running jobs are known to hold) count as busy."""
     from sparkmpi.runner.barrier import task_slots
 
     tracker = sc.statusTracker()
@@ -54,7 +56,7 @@ def free_slots(sc) -> int:
     for stage in tracker.getActiveStageIds():
         info = tracker.getStageInfo(stage)
         busy += info.numActiveTasks if info else 0
-    return task_slots(sc) - busy
+    return task_slots(sc) - max(busy, held)
 
 
 class ExecutorSpawner:
@@ -70,9 +72,10 @@ class ExecutorSpawner:
         global _reserved
         if self.placement != "auto":
             return self.placement == "executors"
+        held = sum(job.size for job in list(self.hub.jobs.values()) if job.parent is None)
         with _reserved_lock:
             try:
-                free = free_slots(self.sc) - _reserved
+                free = free_slots(self.sc, held) - _reserved
             except Exception:  # a stopping context: start them beside the parent
                 return False
             if free < size:
