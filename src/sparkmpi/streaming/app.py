@@ -24,6 +24,10 @@ APPS = {
 class StreamingApp(Protocol):
     """One rank's share of one scan, inside a persistent MPI session."""
 
+    #: False if :meth:`iterate`'s result is a function of the frames given alone (a direct
+    #: method such as filtered back-projection): the last batch's result is then the final one.
+    iterative: bool = True
+
     def __init__(self, scan: ScanStart, settings: Any, comm: Any) -> None:
         """Empty state for ``scan`` (already accepted by :meth:`check_start`)."""
 
@@ -38,7 +42,7 @@ class StreamingApp(Protocol):
 
     def iterate(self, iterations: int) -> dict[str, Any]:
         """Refines with every rank's frames (collective); the result (numpy arrays and an
-        ``errors`` list), the same on every rank."""
+        ``errors`` list) on rank 0 at least."""
 
     def restore(self, result: dict[str, Any]) -> None:
         """Continues from ``result``, a result :meth:`iterate` returned before (read back from

@@ -1,7 +1,9 @@
 """The micro-batch driver: every batch interval, the frames that arrived become one call into a
-persistent MPI session; the result is made durable, then the source position is committed,
-then the result is published. After the scan-end record (or when the scan has been idle too
-long) the final iterations run and the final result is published.
+persistent MPI session (a batch that runs past the interval is followed at once by the next);
+the result is made durable, then the source position is committed, then the result is
+published. After the scan-end record (or when the scan has been idle too long) the final
+iterations run (for a direct app the last batch's result is the final one) and the final
+result is published.
 
 Exactly once: each frame goes to the rank that owns its index, which gives it to the app only
 if it does not hold it yet, and counts what it gave; the driver sums those counts into every
@@ -201,6 +203,7 @@ class _ScanRun:
         again, its result seeds the solver, the source reads on from its position."""
         self.ckpt.discard_unlisted()
         self.restore = self.ckpt.restore_work(self.d.settings.ranks)
+        self.last = None  # the batch result to finish with: none until a batch of this session
         self.restore_result = self.ckpt.state["result"]
         self.d.source.seek(self.ckpt.state["position"])
 
@@ -331,6 +334,7 @@ class _ScanRun:
                     self.restore = [[] for _ in range(ranks)]
                     out = self._step(work, s.iterations_per_batch)
                     self._durable(self._batch_name(), out, items, final=False, incomplete=False)
+                    self.last = out
                 if source.complete():
                     return self._finish(incomplete=False)
                 if time.monotonic() - active > s.idle_timeout:
@@ -338,7 +342,9 @@ class _ScanRun:
             except MPIJobError as exc:
                 self._recover(exc)
                 active = time.monotonic()
-            next_tick = time.monotonic() + s.batch_interval
+            # batches start every interval, as Spark Streaming's do; one that ran late is
+            # followed at once by the next
+            next_tick = max(next_tick + s.batch_interval, time.monotonic())
         self.d.log(f"scan {self.scan.scan_id}: stopped after batch {self.ckpt.state['batch']}")
         return None
 
@@ -348,7 +354,11 @@ class _ScanRun:
     def _finish(self, incomplete: bool) -> dict:
         s = self.d.settings
         iterations = s.final_iterations if self.ckpt.state["used"] else 0
-        out = self._step([[] for _ in range(s.ranks)], iterations)
+        if self.last is not None and not getattr(self.d.app_class, "iterative", True):
+            out = {**self.last, "new": [], "files": [], "duplicates": 0, "malformed": 0}
+            out.update(reached={}, latest=None)  # the last batch's result is the final one
+        else:
+            out = self._step([[] for _ in range(s.ranks)], iterations)
         summary = self._durable("final.h5", out, [], final=True, incomplete=incomplete)
         if self.ckpt.state["used"]:
             title = f"scan {self.scan.scan_id}"

@@ -241,7 +241,8 @@ def ramp_filtered(sinograms, filter: str = "ramlak", xp: ModuleType = np):
     shepp-logan, hann), float32, in ``xp``'s arrays."""
     n_det = sinograms.shape[-1]
     ramp, size = _ramp_filter(n_det, filter)
-    spectrum = xp.fft.rfft(sinograms, n=size, axis=-1) * xp.asarray(ramp)
+    sinograms = xp.asarray(sinograms, dtype=xp.float32)  # float32 transforms: half the work
+    spectrum = xp.fft.rfft(sinograms, n=size, axis=-1) * xp.asarray(ramp, dtype=xp.float32)
     return xp.fft.irfft(spectrum, n=size, axis=-1)[..., :n_det].astype(xp.float32)
 
 

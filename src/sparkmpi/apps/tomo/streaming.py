@@ -5,7 +5,9 @@ refines a filtered back-projection of all projections so far.
 Each rank reconstructs a slab of slices (detector rows). Frames reach the rank that owns their
 index; at each ``iterate`` the ranks exchange the new projections' rows so every rank gets the
 rows of its slab, and add their filtered back-projections (a numba kernel, the same sum as
-:func:`~sparkmpi.apps.tomo.algorithms.fbp`) to its running sum. FBP is linear,
+:func:`~sparkmpi.apps.tomo.algorithms.fbp`) to its running sum. The sum is held (y, x, slice):
+in parallel-beam geometry every slice shares the interpolation weights of a voxel column, so
+the kernel computes them once per column and angle and the slice loop vectorizes. FBP is linear,
 so the volume after the last projection equals the batch FBP of the whole scan, in whatever
 order and batches the projections came.
 
@@ -18,6 +20,7 @@ frames are projections (line integrals, e.g. -log of flat-corrected transmission
 from __future__ import annotations
 
 import itertools
+import os
 import uuid
 
 import numba
@@ -93,6 +96,8 @@ class TomoStream:
     """One rank's slab of a streamed reconstruction. ``add`` is local; ``iterate`` is
     collective."""
 
+    iterative = False
+
     @staticmethod
     def check_start(start: ScanStart) -> None:
         """:class:`MalformedRecord` naming what is missing or implausible: angles (one finite
@@ -113,11 +118,12 @@ class TomoStream:
         bounds = np.linspace(0, rows, comm.size + 1).round().astype(int)
         self.slabs = list(itertools.pairwise(bounds))
         low, high = self.slabs[comm.rank]
-        self.sum = np.zeros((high - low, self.bins, self.bins), dtype=np.float32)
+        self.sum = np.zeros((self.bins, self.bins, high - low), dtype=np.float32)
         self.count = 0
         self.pending: list = []
-        self.previous = None
+        self.previous = np.zeros((high - low, self.bins, self.bins), dtype=np.float32)
         self.errors: list[float] = []
+        self.threads = _cores_per_local_rank(comm)
 
     def add(self, frames) -> None:
         """Keeps frames (each given once) until the next :meth:`iterate`."""
@@ -135,16 +141,17 @@ class TomoStream:
         matter: FBP is direct); the volume, three orthogonal slices, the number of projections
         used and, as ``errors``, the relative change of the volume per call."""
         comm = self.comm
+        numba.set_num_threads(self.threads)  # per calling thread
         new = self._exchange()
         if new:
             theta = np.deg2rad(self.angles[[index for index, _ in new]])
-            filtered = ramp_filtered(np.stack([rows for _, rows in new], axis=1))
+            filtered = ramp_filtered(np.stack([rows for _, rows in new]))
             center = (self.bins - 1) / 2 if self.center is None else self.center
-            _backproject(filtered, np.cos(theta), np.sin(theta), center, self.sum)
+            columns = np.ascontiguousarray(filtered.transpose(0, 2, 1))
+            _backproject(columns, np.cos(theta), np.sin(theta), center, self.sum)
             self.count += len(new)
-        slab = self.sum * np.float32(np.pi / max(self.count, 1))
-        total = float(np.sum(slab.astype(np.float64) ** 2))
-        change = total if self.previous is None else float(np.sum((slab - self.previous) ** 2))
+        scale = np.float32(np.pi / max(self.count, 1))
+        slab, change, total = _slab_and_change(self.sum, scale, self.previous)
         change, total = comm.allreduce(np.array([change, total]))
         self.previous = slab
         if new or not self.errors:
@@ -172,27 +179,57 @@ class TomoStream:
         save_orthoslices_png(result["volume"], path, title)
 
 
-@numba.njit(parallel=True, cache=True)
+def _cores_per_local_rank(comm) -> int:
+    """This host's cores (this process may use) shared among the ranks on it: more kernel
+    threads than cores leave every parallel loop waiting for a descheduled thread."""
+    from mpi4py import MPI
+
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        ranks = local.size
+    finally:
+        local.Free()
+    cores = len(os.sched_getaffinity(0))
+    return max(1, min(numba.config.NUMBA_NUM_THREADS, cores // ranks))
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
 def _backproject(filtered, cosines, sines, center, out):  # pragma: no cover - compiled
-    """Adds the back-projections of ``filtered`` (rows, angles, bins) to ``out`` (rows, n, n),
-    with linear interpolation in the geometry of :func:`~sparkmpi.apps.tomo.algorithms.fbp`
-    (the same sum it makes, angle by angle)."""
-    rows, count, bins = filtered.shape
-    n = out.shape[1]
+    """Adds the back-projections of ``filtered`` (angles, bins, slices) to ``out`` (n, n,
+    slices), with linear interpolation in the geometry of
+    :func:`~sparkmpi.apps.tomo.algorithms.fbp` (the same sum it makes)."""
+    count, bins, slices = filtered.shape
+    n = out.shape[0]
     half = (n - 1) / 2
-    for r in numba.prange(rows):
-        for iy in range(n):
-            y = iy - half
-            for ix in range(n):
-                x = ix - half
-                total = np.float32(0.0)
-                for a in range(count):
-                    t = x * cosines[a] + y * sines[a] + center
-                    i0 = int(np.floor(t))
-                    if i0 >= 0 and i0 + 1 < bins:
-                        w = np.float32(t - i0)
-                        total += filtered[r, a, i0] * (1 - w) + filtered[r, a, i0 + 1] * w
-                out[r, iy, ix] += total
+    for iy in numba.prange(n):
+        y = iy - half
+        for ix in range(n):
+            x = ix - half
+            for a in range(count):
+                t = x * cosines[a] + y * sines[a] + center
+                i0 = int(np.floor(t))
+                if i0 >= 0 and i0 + 1 < bins:
+                    right = np.float32(t - i0)
+                    left = np.float32(1.0) - right
+                    for z in range(slices):
+                        out[iy, ix, z] += filtered[a, i0, z] * left + filtered[a, i0 + 1, z] * right
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _slab_and_change(columns, scale, before):  # pragma: no cover - compiled
+    """``columns`` (y, x, slice) times ``scale`` as slices (slice, y, x), the sum of its squared
+    difference from ``before`` (slice, y, x) and its squared sum, accumulated in float64."""
+    n, _, slices = columns.shape
+    out = np.empty((slices, n, n), dtype=np.float32)
+    change = total = 0.0
+    for iy in numba.prange(n):
+        for ix in range(n):
+            for z in range(slices):
+                value = columns[iy, ix, z] * scale
+                out[z, iy, ix] = value
+                change += np.float64(value - before[z, iy, ix]) ** 2
+                total += np.float64(value) ** 2
+    return out, change, total
 
 
 def _orthoslices(volume: np.ndarray) -> np.ndarray:
