@@ -16,6 +16,7 @@ import zmq
 from helpers import Log
 from sparkmpi.apps.ptycho.simulate import simulate
 from sparkmpi.apps.ptycho.solver import phase_error
+from sparkmpi.apps.ptycho.streaming import stream_v2_series
 from sparkmpi.deploy.ports import free_port
 from sparkmpi.streaming.driver import StreamDriver, StreamSettings
 from sparkmpi.streaming.endpoints import open_sink, parse
@@ -24,6 +25,12 @@ from sparkmpi.streaming.protocol import MalformedRecord
 from sparkmpi.streaming.stream_v2 import StreamV2Image, StreamV2Source, start_record
 from sparkmpi.streaming.stream_v2_cbor import loads
 from sparkmpi.streaming.stream_v2_sim import CHANNEL, counts, messages, produce_stream_v2
+
+
+def series_messages(scan, *args, **kwargs):
+    """The Stream V2 messages of a ptychography scan, as the simulator sends them."""
+    start, frames, detector = stream_v2_series(scan)
+    return messages(start, frames, *args, detector=detector, **kwargs)
 
 
 def wait_for(condition, what: str, timeout: float = 30.0) -> None:
@@ -57,7 +64,7 @@ def frame_of(raw: bytes, scan, index: int):
 @pytest.mark.parametrize("dtype", ["uint16", "uint32"])
 @pytest.mark.parametrize("compression", ["bslz4", "lz4", None])
 def test_simulator_messages_decode_to_the_counts(small, dtype, compression):
-    sent = list(messages(small, 7, dtype, compression, unique_id="abc/1"))
+    sent = list(series_messages(small, 7, dtype, compression, unique_id="abc/1"))
     assert all(m[:3] == b"\xd9\xd9\xf7" for m in sent)  # self-described CBOR
     start = start_record(loads(sent[0]))
     assert start.scan_id == "series-7-abc_1" and start.frames == 6
@@ -74,19 +81,19 @@ def test_simulator_messages_decode_to_the_counts(small, dtype, compression):
 
 
 def test_compression_tag_follows_the_specification(small):
-    raw = list(messages(small, 1, "uint16", "bslz4"))[1]
+    raw = list(series_messages(small, 1, "uint16", "bslz4"))[1]
     array = cbor2.loads(raw)["data"][CHANNEL]
     assert array.tag == 40 and list(array.value[0]) == [32, 32]
     typed = array.value[1]
     assert typed.tag == 69  # uint16 little-endian
     algorithm, elem_size, _ = typed.value.value
     assert typed.value.tag == 56500 and (algorithm, elem_size) == ("bslz4", 2)
-    lz4 = cbor2.loads(list(messages(small, 1, "uint32", "lz4"))[1])["data"][CHANNEL]
+    lz4 = cbor2.loads(list(series_messages(small, 1, "uint32", "lz4"))[1])["data"][CHANNEL]
     assert lz4.value[1].tag == 70 and list(lz4.value[1].value.value[:2]) == ["lz4", 0]
 
 
 def test_bad_image_messages_name_the_field(small):
-    sent = list(messages(small, 3, "uint16", "bslz4"))
+    sent = list(series_messages(small, 3, "uint16", "bslz4"))
     start = start_record(loads(sent[0]))
     image = sent[2]
     data = cbor2.loads(image)["data"][CHANNEL]
@@ -118,7 +125,7 @@ def test_bad_image_messages_name_the_field(small):
 
 
 def test_bad_start_messages_name_the_field(small):
-    start = next(messages(small, 3, "uint16", None))
+    start = next(series_messages(small, 3, "uint16", None))
     user = {"sparkmpi": {"params": {"positions": b"raw"}}}
     cases = {
         edit(start, number_of_images=0): "number_of_images 0",
@@ -163,7 +170,7 @@ def detector():
 
 
 def test_source_reports_and_skips_bad_messages(detector, small):
-    sent = list(messages(small, 5, "uint16", "lz4", unique_id="u5"))
+    sent = list(series_messages(small, 5, "uint16", "lz4", unique_id="u5"))
     start, images, end = sent[0], sent[1:-1], sent[-1]
     detector.send(
         b"\xff not cbor",
@@ -210,8 +217,8 @@ def test_source_reports_and_skips_bad_messages(detector, small):
 
 
 def test_a_new_series_closes_the_one_without_an_end(detector, small):
-    first = list(messages(small, 1, "uint32", None, unique_id="a"))
-    second = list(messages(small, 2, "uint32", None, unique_id="b"))
+    first = list(series_messages(small, 1, "uint32", None, unique_id="a"))
+    second = list(series_messages(small, 2, "uint32", None, unique_id="b"))
     detector.send(first[0], first[1], second[0], first[2], second[1], second[-1])
     source = detector.source
     wait_for(lambda: source.rejected == 1, "the late image of series 1 rejected")
@@ -241,7 +248,9 @@ def test_a_simulated_detector_streams_a_scan_through_the_pipeline(spark, tmp_pat
     with StreamDriver(spark, url, tmp_path / "out", settings, log=log) as driver:
 
         def send() -> None:
-            sent.update(produce_stream_v2(scan, url, rate_hz=200, series_id=12))
+            sent.update(
+                produce_stream_v2(*stream_v2_series(scan)[:2], url, rate_hz=200, series_id=12)
+            )
 
         detector = threading.Thread(target=send)
         detector.start()

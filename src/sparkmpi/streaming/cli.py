@@ -73,19 +73,44 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_produce(args: argparse.Namespace) -> int:
+def _scan_to_produce(args: argparse.Namespace):
+    """The scan-start, frames and Stream V2 detector fields ``stream produce`` sends."""
+    if args.app == "tomo":
+        from sparkmpi.apps.tomo.streaming import scan_to_stream
+
+        counts = args.format == "stream-v2"  # a detector sends counts
+        start, frames = scan_to_stream(
+            args.scan, args.phantom, args.projections, args.order, counts
+        )
+        return start, frames, {}
     from sparkmpi.apps.ptycho.cxi import read_cxi
-    from sparkmpi.apps.ptycho.streaming import produce
+    from sparkmpi.apps.ptycho.streaming import stream_v2_series
+
+    if args.scan is None:
+        raise SystemExit("spark-mpi stream produce: --app ptycho needs --scan FILE.cxi")
+    return stream_v2_series(read_cxi(args.scan))
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    import dataclasses
+    import uuid
+
+    from sparkmpi.streaming.producer import replay
+    from sparkmpi.streaming.protocol import check_scan_id
 
     access = _access(args)
-    scan = read_cxi(args.scan)
+    start, frames, detector = _scan_to_produce(args)
     if args.format == "stream-v2":
         from sparkmpi.streaming.stream_v2_sim import produce_stream_v2
 
         print(f"a Stream V2 detector at {args.to}: waiting for a client to connect")
-        done = produce_stream_v2(scan, args.to, args.rate, args.series_id, log=print)
+        done = produce_stream_v2(
+            start, frames, args.to, args.rate, args.series_id, log=print, detector=detector
+        )
     else:
-        done = produce(scan, args.to, args.rate, args.scan_id, log=print, access=access)
+        scan_id = check_scan_id(args.scan_id or uuid.uuid4().hex[:12])
+        start = dataclasses.replace(start, scan_id=scan_id)
+        done = replay(start, frames, args.to, args.rate, log=print, access=access)
     span = done["last"] - done["first"]
     print(f"scan {done['scan_id']}: {done['frames']} frames sent to {args.to} in {span:.1f} s")
     return 0
@@ -148,8 +173,18 @@ def add_commands(sub) -> None:
     broker.add_argument("--port", type=int, default=9092)
     broker.set_defaults(func=cmd_broker)
 
-    produce = stream_sub.add_parser("produce", help="replay a CXI scan as a detector stream")
-    produce.add_argument("--scan", required=True, help="CXI file (spark-mpi ptycho simulate)")
+    produce = stream_sub.add_parser("produce", help="replay a scan as a detector stream")
+    produce.add_argument("--app", default="ptycho", choices=("ptycho", "tomo"))
+    produce.add_argument(
+        "--scan",
+        help="ptycho: a CXI file (spark-mpi ptycho simulate); tomo: a tilt series (TIFF, or "
+        "Data Exchange HDF5: its counts, white and dark images are sent) or none: a phantom",
+    )
+    produce.add_argument("--phantom", type=int, default=64, help="tomo: phantom size (64)")
+    produce.add_argument("--projections", type=int, default=180, help="tomo: phantom angles")
+    produce.add_argument(
+        "--order", choices=("sequential", "golden"), default="sequential", help="tomo: angles"
+    )
     produce.add_argument("--to", required=True, help="kafka://HOST:PORT/TOPIC or zmq://HOST:PORT")
     produce.add_argument("--rate", type=float, default=20.0, help="frames per second (20; 0: max)")
     produce.add_argument("--scan-id", help="scan id (default: random)")

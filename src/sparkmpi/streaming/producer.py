@@ -13,6 +13,15 @@ from sparkmpi.streaming.endpoints import open_sink
 from sparkmpi.streaming.protocol import Frame, ScanEnd, ScanStart
 
 
+def pace(begin: float, index: int, rate_hz: float) -> None:
+    """Sleeps until frame ``index`` is due at ``rate_hz`` frames per second from ``begin``
+    (a :func:`time.monotonic` time); at once for rate 0 or a frame already late."""
+    if rate_hz > 0:
+        delay = begin + index / rate_hz - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+
 def replay(
     start: ScanStart,
     frames: Sequence[np.ndarray],
@@ -30,10 +39,7 @@ def replay(
         begin = time.monotonic()
         first = last = 0.0
         for index, frame in enumerate(frames):
-            if rate_hz > 0:
-                delay = begin + index / rate_hz - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
+            pace(begin, index, rate_hz)
             last = time.time()
             first = first or last
             sink.send(Frame(start.scan_id, index, frame, last))

@@ -1,18 +1,23 @@
 """A DECTRIS Stream V2 detector simulator: binds a PUSH socket, as a detector's DCU does, and
-streams a ptychography scan as ``start``, ``image`` and ``end`` CBOR messages, images compressed
-as the detector does (bitshuffle + LZ4 or LZ4, HDF5 framing, through hdf5plugin's filters).
+streams a scan as ``start``, ``image`` and ``end`` CBOR messages, images compressed as the
+detector does (bitshuffle + LZ4 or LZ4, HDF5 framing, through hdf5plugin's filters).
+App-agnostic: an app supplies its scan-start (carried in the start's
+``user_data["sparkmpi"]``), the frames as counts, and its detector fields (e.g.
+:func:`sparkmpi.apps.ptycho.streaming.stream_v2_series`).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 
 import numpy as np
 
 from sparkmpi.streaming.kafka_transport import StreamError
+from sparkmpi.streaming.producer import pace
+from sparkmpi.streaming.protocol import ScanStart
 from sparkmpi.streaming.stream_v2 import USER_DATA_KEY
 from sparkmpi.streaming.stream_v2_cbor import COMPRESSION, DTYPES, TAG_TYPED
 
@@ -68,28 +73,26 @@ def image_array(frame: np.ndarray, compress: Compressor | None):
 
 
 def messages(
-    scan,
+    start: ScanStart,
+    frames: Sequence[np.ndarray],
     series_id: int,
     dtype: str = "uint16",
     compression: str | None = "bslz4",
     unique_id: str | None = None,
+    detector: Mapping | None = None,
 ) -> Iterator[bytes]:
-    """The encoded ``start``, ``image`` (one per frame of ``scan``) and ``end`` messages of a
-    ptychography scan (:class:`~sparkmpi.apps.ptycho.scan.Scan`) as series ``series_id``; the
-    start's ``user_data["sparkmpi"]`` holds its positions, geometry and probe."""
+    """The encoded ``start``, ``image`` (one per frame, as ``dtype`` counts) and ``end``
+    messages of series ``series_id``; the start's ``user_data["sparkmpi"]`` holds ``start``'s
+    params and payload, and ``detector``'s fields (e.g. ``incident_energy``) are added to it."""
     import cbor2
-
-    from sparkmpi.apps.ptycho.streaming import start_record
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
     unique_id = unique_id or uuid.uuid4().hex
-    app = start_record(scan, "sim")
-    frames, (rows, cols) = len(scan.intensities), app.shape
+    rows, cols = start.shape
     ident = {"series_id": series_id, "series_unique_id": unique_id}
     arm = datetime.now(UTC)
-    wavelength = 12398.419843320026 / scan.energy_ev  # angstrom
-    start = {
+    head = {
         "type": "start",
         **ident,
         "arm_date": arm,
@@ -102,18 +105,15 @@ def messages(
         "image_dtype": dtype,
         "image_size_x": cols,
         "image_size_y": rows,
-        "incident_energy": float(scan.energy_ev),
-        "incident_wavelength": wavelength,
-        "number_of_images": frames,
-        "pixel_size_x": float(scan.pixel_size_m),
-        "pixel_size_y": float(scan.pixel_size_m),
+        "number_of_images": len(frames),
         "saturation_value": int(np.iinfo(dtype).max) - 1,
-        "user_data": {USER_DATA_KEY: {"params": app.params, "payload": app.data}},
+        **(detector or {}),
+        "user_data": {USER_DATA_KEY: {"params": start.params, "payload": start.data}},
     }
-    yield cbor2.dumps(cbor2.CBORTag(MAGIC, start))
-    compress = Compressor(app.shape, dtype, compression) if compression else None
+    yield cbor2.dumps(cbor2.CBORTag(MAGIC, head))
+    compress = Compressor(start.shape, dtype, compression) if compression else None
     try:
-        for index, frame in enumerate(scan.intensities):
+        for index, frame in enumerate(frames):
             image = {
                 "type": "image",
                 **ident,
@@ -142,7 +142,8 @@ def _endpoint(url_or_host_port: str) -> str:
 
 
 def produce_stream_v2(
-    scan,
+    start: ScanStart,
+    frames: Sequence[np.ndarray],
     url_or_host_port: str,
     rate_hz: float,
     series_id: int = 1,
@@ -150,12 +151,13 @@ def produce_stream_v2(
     compression: str | None = "bslz4",
     log=None,
     client_timeout: float = 60.0,
+    detector: Mapping | None = None,
 ) -> dict:
     """Binds a PUSH socket at ``url_or_host_port`` (the detector's side), waits up to
-    ``client_timeout`` s for a client, then sends ``scan`` as series ``series_id``: the start,
-    one image every 1/``rate_hz`` s (0: as fast as possible), the end; returns the scan id the
-    source will give it, the images sent and the times of the first and last. Everything
-    sent reaches a connected client before it returns (or 30 s pass)."""
+    ``client_timeout`` s for a client, then sends :func:`messages` of series ``series_id``:
+    the start, one image every 1/``rate_hz`` s (0: as fast as possible), the end; returns the
+    scan id the source will give it, the images sent and the times of the first and last.
+    Everything sent reaches a connected client before it returns (or 30 s pass)."""
     import zmq
 
     from sparkmpi.streaming.stream_v2 import scan_id_of
@@ -171,19 +173,16 @@ def produce_stream_v2(
         if not socket.poll(int(client_timeout * 1000), zmq.POLLOUT):
             raise StreamError(f"{url_or_host_port}: no client connected in {client_timeout} s")
         begin = time.monotonic()
-        stream = messages(scan, series_id, dtype, compression, unique_id)
+        stream = messages(start, frames, series_id, dtype, compression, unique_id, detector)
         socket.send(next(stream))
         for message in stream:
-            if sent < len(scan.intensities):
-                if rate_hz > 0:
-                    delay = begin + sent / rate_hz - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
+            if sent < len(frames):
+                pace(begin, sent, rate_hz)
                 last = time.time()
                 first = first or last
                 sent += 1
                 if log is not None and sent % 64 == 0:
-                    log(f"sent {sent}/{len(scan.intensities)} images")
+                    log(f"sent {sent}/{len(frames)} images")
             socket.send(message, copy=False)
     finally:
         socket.close(linger=30_000)

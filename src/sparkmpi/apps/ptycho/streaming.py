@@ -42,6 +42,19 @@ def start_record(scan, scan_id: str) -> ScanStart:
     )
 
 
+def stream_v2_series(scan) -> tuple[ScanStart, np.ndarray, dict]:
+    """What :func:`sparkmpi.streaming.stream_v2_sim.produce_stream_v2` needs to stream
+    ``scan`` as a Stream V2 detector would: the scan-start (carried in the start's user
+    data), the frames, and the detector's own start fields (energy, wavelength, pixel size)."""
+    detector = {
+        "incident_energy": float(scan.energy_ev),
+        "incident_wavelength": 12398.419843320026 / scan.energy_ev,  # angstrom
+        "pixel_size_x": float(scan.pixel_size_m),
+        "pixel_size_y": float(scan.pixel_size_m),
+    }
+    return start_record(scan, "sim"), scan.intensities, detector
+
+
 def produce(
     scan, url: str, rate_hz: float, scan_id: str | None = None, log=None, access=None
 ) -> dict:

@@ -176,6 +176,14 @@ def read_dxchange(path: str | os.PathLike) -> TiltSeries:
     The result is finite: transmissions are clipped to a small positive minimum first. A file
     that is not HDF5, lacks a dataset or has inconsistent shapes raises :class:`TomoInputError`.
     """
+    data, white, dark, theta = read_dxchange_counts(path)
+    return TiltSeries(line_integrals(data, white, dark), theta, Path(path).name)
+
+
+def read_dxchange_counts(path: str | os.PathLike) -> tuple[np.ndarray, ...]:
+    """A Data Exchange HDF5 scan as the detector gave it: ``/exchange/data`` (projections of
+    counts), the mean white (flat) and dark images, the angles (degrees, float64); checked as
+    :func:`read_dxchange` says."""
     import h5py
 
     path = Path(path)
@@ -216,14 +224,22 @@ def read_dxchange(path: str | os.PathLike) -> TiltSeries:
         )
     dark_mean = arrays["data_dark"].mean(axis=0, dtype=np.float64).astype(np.float32)
     white_mean = arrays["data_white"].mean(axis=0, dtype=np.float64).astype(np.float32)
-    denominator = np.maximum(white_mean - dark_mean, np.float32(_MIN_TRANSMISSION))
-    projections = data.astype(np.float32)
-    projections -= dark_mean
+    return data, white_mean, dark_mean, theta
+
+
+def line_integrals(counts: np.ndarray, white: np.ndarray, dark: np.ndarray) -> np.ndarray:
+    """``-log((counts - dark) / (white - dark))`` as float32 (projections of any leading
+    shape; ``white`` and ``dark`` of one projection's shape, or scalars), finite: the
+    transmission is clipped to a small positive minimum first."""
+    white, dark = np.float32(white), np.float32(dark)
+    denominator = np.maximum(white - dark, np.float32(_MIN_TRANSMISSION))
+    projections = np.array(counts, dtype=np.float32)
+    projections -= dark
     projections /= denominator
     np.maximum(projections, np.float32(_MIN_TRANSMISSION), out=projections)
     np.log(projections, out=projections)
     np.negative(projections, out=projections)
-    return TiltSeries(projections, theta, path.name)
+    return projections
 
 
 def read_series(

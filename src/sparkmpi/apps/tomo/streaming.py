@@ -13,8 +13,10 @@ order and batches the projections came.
 
 The scan-start carries ``angles_deg`` (one rotation angle per projection, degrees) and
 optionally ``center`` (the rotation axis on the detector, in bins; default the middle);
-frames are projections (line integrals, e.g. -log of flat-corrected transmission), shape
-(rows, detector bins).
+frames are projections, shape (rows, detector bins): line integrals (float32, e.g. -log of
+flat-corrected transmission), or, with ``counts: true``, the detector's counts (an integer
+dtype) with the white (open beam) and dark images as the payload (two float32 images, little
+endian), corrected as :func:`~sparkmpi.apps.tomo.io.line_integrals` does, on the owner rank.
 """
 
 from __future__ import annotations
@@ -22,23 +24,82 @@ from __future__ import annotations
 import itertools
 import os
 import uuid
+from pathlib import Path
 
 import numba
 import numpy as np
 
-from sparkmpi.apps.tomo.algorithms import ramp_filtered
+from sparkmpi.apps.tomo.algorithms import estimate_center, ramp_filtered
+from sparkmpi.apps.tomo.io import line_integrals
 from sparkmpi.streaming.producer import replay
 from sparkmpi.streaming.protocol import MalformedRecord, ScanStart, check_scan_id
 
 VOXELS_MAX = 1 << 28  # 1 GiB of float32
 
 
-def start_record(angles_deg, shape: tuple[int, int], scan_id: str, center=None) -> ScanStart:
-    """The scan-start of a tomography scan of ``len(angles_deg)`` float32 projections."""
+def start_record(
+    angles_deg,
+    shape: tuple[int, int],
+    scan_id: str,
+    center=None,
+    white=None,
+    dark=None,
+    dtype: str = "float32",
+) -> ScanStart:
+    """The scan-start of a tomography scan of ``len(angles_deg)`` projections of ``shape``:
+    line integrals (float32), or with ``white`` and ``dark`` (the open-beam and dark images,
+    or numbers) detector counts of ``dtype``, corrected on the ranks."""
     params: dict = {"angles_deg": [float(a) for a in angles_deg]}
     if center is not None:
         params["center"] = float(center)
-    return ScanStart(scan_id, len(params["angles_deg"]), tuple(shape), "float32", params)
+    payload = b""
+    if white is not None:
+        params["counts"] = True
+        dark = 0 if dark is None else dark
+        images = [np.broadcast_to(np.asarray(a, "<f4"), shape) for a in (white, dark)]
+        payload = np.ascontiguousarray(np.stack(images)).tobytes()
+    return ScanStart(scan_id, len(params["angles_deg"]), tuple(shape), dtype, params, payload)
+
+
+def as_counts(projections: np.ndarray, white: float = 60000.0) -> np.ndarray:
+    """Line integrals as the uint16 counts a detector would see with ``white`` counts of open
+    beam (no noise, no dark current)."""
+    return np.rint(white * np.exp(-np.asarray(projections, np.float64))).astype(np.uint16)
+
+
+def scan_to_stream(
+    path=None, phantom: int = 64, projections: int = 180, order: str = "sequential", counts=False
+) -> tuple[ScanStart, np.ndarray]:
+    """A scan-start (scan id ``sim``) and its frames, in ``order`` (sequential or golden), from
+    a tilt series ``path`` or, without one, a blobs phantom of ``phantom``³ projected at
+    ``projections`` angles over 180°. A Data Exchange file gives the detector's counts with
+    its white and dark images and the rotation centre estimated from its middle row; other
+    inputs give line integrals, or with ``counts`` the counts of :func:`as_counts` (what a
+    detector, e.g. a Stream V2 one, sends)."""
+    from sparkmpi.apps.tomo.io import HDF5_SUFFIXES, read_dxchange_counts, read_series
+    from sparkmpi.apps.tomo.phantom import blobs_phantom, simulate_tilt_series
+
+    white = dark = center = None
+    if path is not None and Path(path).suffix.lower() in HDF5_SUFFIXES:
+        data, white, dark, angles = read_dxchange_counts(path)
+        frames = np.clip(np.rint(data), 0, np.iinfo(np.uint16).max).astype(np.uint16)
+        row = data.shape[1] // 2
+        middle = line_integrals(data[:, row], white[row], dark[row])
+        binned = middle[:, : middle.shape[1] // 4 * 4].reshape(len(middle), -1, 4).mean(axis=2)
+        center = 4 * estimate_center(binned, angles) + 1.5  # in practice the beamline's
+    elif path is not None:
+        series = read_series(path)
+        frames, angles = series.projections, series.angles_deg
+    else:
+        angles = np.linspace(0, 180, projections, endpoint=False)
+        frames = simulate_tilt_series(blobs_phantom((phantom,) * 3), angles)
+    if white is None and counts:
+        frames, white, dark = as_counts(frames), 60000.0, 0.0
+    if order == "golden":
+        chosen = golden_order(len(angles))
+        frames, angles = frames[chosen], angles[chosen]
+    dtype = "float32" if white is None else "uint16"
+    return start_record(angles, frames.shape[1:], "sim", center, white, dark, dtype), frames
 
 
 def golden_order(count: int) -> np.ndarray:
@@ -63,8 +124,8 @@ def produce(
     log=None,
     access=None,
 ) -> dict:
-    """Streams ``projections`` (count, rows, bins) taken at ``angles_deg`` to ``url``, in the
-    given order, at ``rate_hz`` (0: as fast as possible)."""
+    """Streams line integrals ``projections`` (count, rows, bins) taken at ``angles_deg`` to
+    ``url``, in the given order, at ``rate_hz`` (0: as fast as possible)."""
     scan_id = check_scan_id(scan_id or uuid.uuid4().hex[:12])
     projections = np.asarray(projections, dtype=np.float32)
     start = start_record(angles_deg, projections.shape[1:], scan_id)
@@ -81,6 +142,21 @@ def _angles(start: ScanStart) -> np.ndarray:
     if angles.shape != (start.frames,) or not np.isfinite(angles).all():
         raise MalformedRecord(f"angles_deg must be {start.frames} finite numbers (one per frame)")
     return angles
+
+
+def _white_dark(start: ScanStart) -> np.ndarray | None:
+    """The (white, dark) images of a scan whose frames are detector counts, else None."""
+    if not start.params.get("counts"):
+        return None
+    if np.dtype(start.dtype).kind not in "ui":
+        raise MalformedRecord(f"counts of dtype {start.dtype}: counts are integers")
+    size = 2 * int(np.prod(start.shape)) * 4
+    if len(start.data) != size:
+        raise MalformedRecord(
+            f"counts need white and dark images (2 x {start.shape} float32, {size} bytes) as "
+            f"payload, got {len(start.data)} bytes"
+        )
+    return np.frombuffer(start.data, dtype="<f4").reshape(2, *start.shape)
 
 
 def _center(start: ScanStart) -> float | None:
@@ -103,7 +179,7 @@ class TomoStream:
         """:class:`MalformedRecord` naming what is missing or implausible: angles (one finite
         angle per projection), centre, a volume over 2^28 voxels."""
         try:
-            _angles(start), _center(start)
+            _angles(start), _center(start), _white_dark(start)
             rows, bins = start.shape
             if rows * bins * bins > VOXELS_MAX:
                 raise MalformedRecord(f"a {rows} x {bins} x {bins} volume is over {VOXELS_MAX}")
@@ -114,6 +190,7 @@ class TomoStream:
         self.comm = comm
         self.angles = _angles(start)
         self.center = _center(start)
+        self.white_dark = _white_dark(start)
         rows, self.bins = start.shape
         bounds = np.linspace(0, rows, comm.size + 1).round().astype(int)
         self.slabs = list(itertools.pairwise(bounds))
@@ -127,7 +204,11 @@ class TomoStream:
 
     def add(self, frames) -> None:
         """Keeps frames (each given once) until the next :meth:`iterate`."""
-        self.pending += [(f.index, np.asarray(f.data, dtype=np.float32)) for f in frames]
+        if self.white_dark is None:
+            self.pending += [(f.index, np.asarray(f.data, dtype=np.float32)) for f in frames]
+        else:
+            white, dark = self.white_dark
+            self.pending += [(f.index, line_integrals(f.data, white, dark)) for f in frames]
 
     def _exchange(self) -> list:
         outgoing = [
