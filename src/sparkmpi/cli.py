@@ -219,6 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
     tomo_stream.add_argument("--plot", help="write a PNG plot here")
     tomo_stream.set_defaults(func=_bench("stream_tomo"))
 
+    bluesky = bench_sub.add_parser(
+        "stream-bluesky", help="a Bluesky run via Kafka vs its CXI file (phase error)"
+    )
+    bluesky.add_argument("--frames", type=int, default=256, help="frames in the scan (256)")
+    bluesky.add_argument("--size", type=int, default=128, help="frame edge (128)")
+    bluesky.add_argument("--batch-interval", type=float, default=0.5, help="seconds (0.5)")
+    bluesky.add_argument("--iterations", type=int, default=5, help="iterations per batch (5)")
+    bluesky.add_argument("--final-iterations", type=int, default=60, help="after the scan (60)")
+    bluesky.add_argument(
+        "--live", action="store_true", help="produce while the driver follows (default: before)"
+    )
+    bluesky.add_argument("--quick", action="store_true", help="32 frames of 64²")
+    bluesky.add_argument("--master", help="Spark master URL (default local mode)")
+    bluesky.add_argument("--json", help="write the figures as JSON here")
+    bluesky.add_argument("--plot", help="write a PNG plot here")
+    bluesky.set_defaults(func=_bench("stream_bluesky"))
+
     v2 = bench_sub.add_parser("stream-v2", help="DECTRIS Stream V2 ingest into the ranks")
     v2.add_argument("--frames", type=int, default=4000, help="images per run (4000)")
     v2.add_argument("--size", type=int, default=512, help="image side in pixels (512)")
