@@ -19,7 +19,7 @@ from sparkmpi.apps.ptycho.solver import phase_error
 from sparkmpi.apps.ptycho.streaming import stream_v2_series
 from sparkmpi.deploy.ports import free_port
 from sparkmpi.streaming.driver import StreamDriver, StreamSettings
-from sparkmpi.streaming.endpoints import open_sink, parse
+from sparkmpi.streaming.endpoints import check, open_sink, parse
 from sparkmpi.streaming.kafka_transport import StreamError
 from sparkmpi.streaming.protocol import MalformedRecord
 from sparkmpi.streaming.stream_v2 import StreamV2Image, StreamV2Source, start_record
@@ -236,13 +236,17 @@ def test_a_new_series_closes_the_one_without_an_end(detector, small):
 
 def test_stream_v2_urls():
     assert parse("stream-v2://dcu:31001") == ("stream-v2", "dcu", 31001, "")
+    for wrong in ("?clients=all", "?clients=ranks&clients=driver", "?rate=5"):
+        with pytest.raises(StreamError, match=r"\?clients=driver or \?clients=ranks"):
+            check("stream-v2://dcu:31001" + wrong)
     with pytest.raises(StreamError, match="only a source"):
         open_sink("stream-v2://127.0.0.1:31001")
 
 
-def test_a_simulated_detector_streams_a_scan_through_the_pipeline(spark, tmp_path):
+@pytest.mark.parametrize("clients", ["driver", "ranks"])
+def test_a_simulated_detector_streams_a_scan_through_the_pipeline(spark, tmp_path, clients):
     scan = simulate(48, 64, photons=1e6)
-    url = f"stream-v2://127.0.0.1:{free_port()}"
+    url = f"stream-v2://127.0.0.1:{free_port()}?clients={clients}"
     settings = StreamSettings(batch_interval=0.5, iterations_per_batch=5, final_iterations=60)
     log, sent = Log(), {}
     with StreamDriver(spark, url, tmp_path / "out", settings, log=log) as driver:
@@ -258,6 +262,7 @@ def test_a_simulated_detector_streams_a_scan_through_the_pipeline(spark, tmp_pat
             summary = driver.run_scan(timeout=60)
         finally:
             detector.join(60)
+        assert driver.source.rejected == 0  # with clients=ranks, no image reached the driver
     assert sent["scan_id"] == summary["scan_id"] and sent["frames"] == 48
     assert summary["frames_used"] == 48 and summary["frames_lost"] == 0, log
     assert summary["malformed"] == 0 and summary["frames_applied_twice"] == 0
@@ -268,3 +273,34 @@ def test_a_simulated_detector_streams_a_scan_through_the_pipeline(spark, tmp_pat
     error = phase_error(streamed, scan.truth_object, lit.astype(float), remove_ramp=True)
     print(f"phase error {error:.4f}")
     assert error < 0.1
+
+
+def test_ranks_reading_the_detector_skip_bad_messages_and_finish_the_scan(spark, small, tmp_path):
+    sent = list(series_messages(small, 8, "uint16", "bslz4", unique_id="r8"))
+    start, images, end = sent[0], sent[1:-1], sent[-1]
+    bad = [b"\xff not cbor", images[2][:-40], edit(images[1], image_id=6)]
+    port = free_port()
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.bind(f"tcp://127.0.0.1:{port}")
+    url = f"stream-v2://127.0.0.1:{port}?clients=ranks"
+    settings = StreamSettings(batch_interval=0.3, iterations_per_batch=2, final_iterations=5)
+    log = Log()
+    try:
+        with StreamDriver(spark, url, tmp_path / "out", settings, log=log) as driver:
+            driver.start_session()  # every rank has connected its socket when this returns
+            for message in [start, *bad, *images, end]:
+                push.send(message)
+            summary = driver.run_scan(timeout=60)
+            assert driver.source.rejected == 0  # nothing came to the driver but start and end
+    finally:
+        push.close(linger=0)
+        context.term()
+    assert summary["scan_id"] == "series-8-r8" and summary["frames_used"] == 6, log
+    assert summary["frames_applied_twice"] == 0
+    # a message the ranks drop before the start is relayed counts for no scan, but is logged
+    assert summary["malformed"] >= 1  # the bad image id is found when its scan decodes it
+    skipped = [line for line in log if "skipped a malformed record" in line]
+    assert len(skipped) == 3, log
+    for reason in ("not CBOR", "truncated", "image_id 6 outside 0..5"):
+        assert reason in "\n".join(skipped), (reason, log)

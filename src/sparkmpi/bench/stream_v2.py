@@ -110,54 +110,81 @@ def raw_rate(messages: list[bytes], port: int) -> float:
 
 
 def _decode(scan, comm, items) -> dict:
+    """Decodes ``items`` and, when the ranks read the detector, the images this rank holds."""
     from sparkmpi.streaming.protocol import MalformedRecord
+    from sparkmpi.streaming.stream_v2_ranks import take_control, take_images
 
+    local = take_images(scan.scan_id) if scan is not None else []
+    items = [*(items or []), *local]
     frames, malformed, begin = 0, 0, time.perf_counter()
-    for item in items or []:
+    for item in items:
         try:
             frames += len(item.frames(scan))
         except MalformedRecord:
             malformed += 1
     decoding = time.perf_counter() - begin
-    return {"frames": frames, "malformed": malformed, "done": time.time(), "decoding": decoding}
+    return {
+        "frames": frames,
+        "malformed": malformed,
+        "done": time.time(),
+        "decoding": decoding,
+        "first": min((item.received for item in items), default=None),
+        "control": take_control()[0],
+    }
 
 
-def pipeline_rate(spark, messages: list[bytes], port: int, ranks: int, interval: float) -> dict:
-    """Images per second the source and ``ranks`` decoding ranks take in; batches, lost."""
+def pipeline_rate(
+    spark, messages: list[bytes], port: int, ranks: int, interval: float, on_ranks: bool
+) -> dict:
+    """Images per second ``ranks`` decoding ranks take in, read by the driver's source and
+    shipped to them, or (``on_ranks``) read by each rank's own PULL socket; batches, lost."""
     from sparkmpi.runner import MPISession
     from sparkmpi.streaming.stream_v2 import StreamV2Source
+    from sparkmpi.streaming.stream_v2_ranks import open_receiver
 
-    source = StreamV2Source("127.0.0.1", port, log=print)
+    source = StreamV2Source("127.0.0.1", port, log=print, on_ranks=on_ranks)
     ready = threading.Event()
     sender = _push(port, messages, ready)
+    frames = len(messages) - 2
     decoded = malformed = batches = 0
     busy = decoding = 0.0
+    firsts: list[float] = []
     with MPISession(spark, ranks) as session:
+        if on_ranks:
+            session.run(partial(open_receiver, source.rank_input))
         session.run(partial(_decode, None), data=[[] for _ in range(ranks)])  # warm
         ready.set()
-        scan = source.wait_for_scan(timeout=60)
+        scan, done, deadline = None, 0.0, time.monotonic() + 600
+        while scan is None and time.monotonic() < deadline:
+            if on_ranks:
+                source.relay([m for r in session.run(partial(_decode, None)) for m in r["control"]])
+            scan = source.wait_for_scan(timeout=interval)
         if scan is None:
             raise RuntimeError("no start message arrived")
-        first, done, deadline = None, 0.0, time.monotonic() + 600
-        while not source.complete() and time.monotonic() < deadline:
+        while decoded < frames and not source.complete() and time.monotonic() < deadline:
             time.sleep(interval)
             items = source.poll()
-            if not items:
+            if not (items or on_ranks):
                 continue
-            first = min([first or time.time(), *(item.received for item in items)])
             begin = time.perf_counter()
             results = session.run(partial(_decode, scan), data=source.route(items, ranks))
             busy += time.perf_counter() - begin
             decoding += max(r["decoding"] for r in results)
             source.advance({}, items)
+            new = sum(r["frames"] for r in results)
+            if on_ranks:
+                source.relay([m for r in results for m in r["control"]])
+                source.note_batch(new, decoded + new)
+            if not new:
+                continue
+            firsts += [r["first"] for r in results if r["first"] is not None]
             decoded += sum(r["frames"] for r in results)
             malformed += sum(r["malformed"] for r in results)
             done, batches = max(r["done"] for r in results), batches + 1
     sender.join(60)
     source.close()
-    frames = len(messages) - 2
     return {
-        "rate": decoded / (done - first),
+        "rate": decoded / (done - min(firsts)),
         "decoded": decoded,
         "lost": frames - decoded,
         "malformed": malformed,
@@ -175,24 +202,36 @@ def main(args: argparse.Namespace) -> int:
     compressed = np.mean([len(m) for m in messages[1:-1]])
     raw = raw_rate(messages, free_port())
     spark = spark_session(args.master, cores=args.ranks, app_name="spark-mpi bench stream-v2")
-    piped = pipeline_rate(spark, messages, free_port(), args.ranks, args.batch_interval)
-    ratio = piped["rate"] / raw
+    runs = {
+        clients: pipeline_rate(
+            spark, messages, free_port(), args.ranks, args.batch_interval, clients == "ranks"
+        )
+        for clients in ("driver", "ranks")
+    }
+    names = {
+        "driver": f"driver's PULL socket -> {args.ranks} ranks",
+        "ranks": f"{args.ranks} ranks' PULL sockets (?clients=ranks)",
+    }
+    rows = [["raw: one PULL socket, one thread", raw, "100%", "-", "-", 0, 0]]
+    for clients, run in runs.items():
+        run["of_raw"] = run["rate"] / raw
+        run["busy_images_per_s"] = run["decoded"] / run["busy_s"]
+        rows.append(
+            [
+                names[clients],
+                run["rate"],
+                f"{run['of_raw']:.0%}",
+                run["busy_images_per_s"],
+                run["batches"],
+                run["lost"],
+                run["malformed"],
+            ]
+        )
     print_table(
         f"Stream V2 ingest: {args.frames} images of {args.size}² uint16, bslz4 "
         f"({compressed / 1024:.0f} KiB each), decoded",
         ["run", "images/s", "of raw", "busy images/s", "batches", "lost", "malformed"],
-        [
-            ["raw: one PULL socket", raw, "100%", "-", "-", 0, 0],
-            [
-                f"pipeline: source + {args.ranks} ranks",
-                piped["rate"],
-                f"{ratio:.0%}",
-                piped["decoded"] / piped["busy_s"],
-                piped["batches"],
-                piped["lost"],
-                piped["malformed"],
-            ],
-        ],
+        rows,
     )
     write_json(
         args.json,
@@ -204,15 +243,18 @@ def main(args: argparse.Namespace) -> int:
             "batch_interval_s": args.batch_interval,
             "compressed_bytes_mean": float(compressed),
             "raw_images_per_s": raw,
-            "pipeline": piped,
-            "pipeline_of_raw": ratio,
-            "pipeline_busy_images_per_s": piped["decoded"] / piped["busy_s"],
+            "pipeline": runs["driver"],
+            "pipeline_ranks": runs["ranks"],
         },
     )
     bar_plot(
         args.plot,
         "Stream V2 ingest: seconds per image",
-        ["raw PULL + decode", f"source + {args.ranks} ranks"],
-        [1 / raw, 1 / piped["rate"]],
+        ["raw PULL + decode", *(names[c] for c in runs)],
+        [1 / raw, *(1 / run["rate"] for run in runs.values())],
     )
+    piped = {
+        "lost": sum(r["lost"] for r in runs.values()),
+        "malformed": sum(r["malformed"] for r in runs.values()),
+    }
     return 0 if piped["lost"] == 0 and piped["malformed"] == 0 else 1

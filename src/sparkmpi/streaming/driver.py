@@ -35,6 +35,7 @@ from sparkmpi.streaming.checkpoint import Checkpoint, unfinished_scans
 from sparkmpi.streaming.endpoints import open_source
 from sparkmpi.streaming.protocol import MalformedRecord, check_scan_id
 from sparkmpi.streaming.rankstep import rank_step
+from sparkmpi.streaming.stream_v2_ranks import open_receiver, take_control
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,8 @@ class StreamDriver:
             if saved:
                 scan = saved[0]
                 self.source.resume(scan)
+            elif self.rank_input is not None:
+                scan = self._wait_on_ranks(timeout, skip)
             else:
                 scan = self.source.wait_for_scan(timeout, skip=skip)
             if scan is None:
@@ -146,6 +149,34 @@ class StreamDriver:
 
         if self.session is None:
             self.session = MPISession(self.spark, self.settings.ranks)
+            if self.rank_input is not None:  # every rank connects to the detector
+                self.session.run(partial(open_receiver, self.rank_input), timeout=60)
+
+    @property
+    def rank_input(self):
+        """What the ranks connect to when they read the source themselves, else None."""
+        return getattr(self.source, "rank_input", None)
+
+    def _wait_on_ranks(self, timeout: float | None, skip: set[str]):
+        """:meth:`wait_for_scan` of a source the ranks read: their ``start`` messages are
+        fetched every batch interval."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.stopping.is_set():
+            self.start_session()
+            for control, rejected in self.session.run(take_control, timeout=60):
+                self.source.relay(control)
+                for why in rejected:
+                    self.log(f"skipped a malformed record: {why}")
+            left = None if deadline is None else deadline - time.monotonic()
+            wait = (
+                self.settings.batch_interval
+                if left is None
+                else min(left, self.settings.batch_interval)
+            )
+            scan = self.source.wait_for_scan(max(wait, 0.0), skip=skip)
+            if scan is not None or (left is not None and left <= 0):
+                return scan
+        return None
 
     def end_session(self) -> None:
         """Ends the MPI session, if any: every rank process is stopped."""
@@ -190,6 +221,7 @@ class _ScanRun:
         self.applied = np.zeros(scan.frames, dtype=np.int64)
         self.failures = 0
         self.last_produced = 0.0
+        self.carried_malformed = 0  # seen in batches that brought no frame, not yet counted
         self._resume()
         if self.ckpt.resumed:
             state = self.ckpt.state
@@ -207,12 +239,13 @@ class _ScanRun:
         self.restore_result = self.ckpt.state["result"]
         self.d.source.seek(self.ckpt.state["position"])
 
-    def _step(self, work: list[list], iterations: int) -> dict:
+    def _step(self, work: list[list], iterations: int, skip_idle: bool = False) -> dict:
         step = {
             "batch": self.ckpt.state["batch"] + 1,
             "iterations": iterations,
             "frames_dir": str(self.ckpt.frames_dir),
             "restore": self.restore_result,
+            "skip_idle": skip_idle,  # no iterations and no result if no frame came
         }
         fn = partial(rank_step, self.d.app, self.scan, self.d.app_settings, step)
         deadline = self.d.settings.deadline(iterations)
@@ -226,6 +259,8 @@ class _ScanRun:
             self.d.log(f"skipped a malformed record: {message}")
         if len(malformed) > 5:
             self.d.log(f"skipped {len(malformed) - 5} more malformed records")
+        if self.d.rank_input is not None:
+            self.d.source.relay([m for r in results for m in r["control"]])
         produced = [r["newest_produced"] for r in results if r["newest_produced"] is not None]
         self.last_produced = max([self.last_produced, *produced])
         return {
@@ -242,6 +277,8 @@ class _ScanRun:
         """Result file, then state, then the source's commit, then publication."""
         source, state = self.d.source, self.ckpt.state
         result, now = out["result"], time.time()
+        out = {**out, "malformed": out["malformed"] + self.carried_malformed}
+        self.carried_malformed = 0
         used = sorted(set(state["used"]).union(out["new"]))
         twice = int((self.applied > 1).sum())
         summary = {
@@ -326,15 +363,19 @@ class _ScanRun:
             try:
                 self.d.start_session()  # before taking the items: it may take seconds
                 items = source.poll(0.0)
-                if items or any(self.restore):
-                    active = time.monotonic()
+                if items or any(self.restore) or self.d.rank_input is not None:
                     work = source.route(items, ranks)
                     for r in range(ranks):
                         work[r] = self.restore[r] + work[r]
                     self.restore = [[] for _ in range(ranks)]
-                    out = self._step(work, s.iterations_per_batch)
-                    self._durable(self._batch_name(), out, items, final=False, incomplete=False)
-                    self.last = out
+                    out = self._step(work, s.iterations_per_batch, self.d.rank_input is not None)
+                    if out["result"] is not None:  # None: nothing came (ranks reading)
+                        active = time.monotonic()
+                        self._durable(self._batch_name(), out, items, False, False)
+                        self.last = out
+                    else:
+                        self.carried_malformed += out["malformed"]
+                    self._note_batch(out)
                 if source.complete():
                     return self._finish(incomplete=False)
                 if time.monotonic() - active > s.idle_timeout:
@@ -347,6 +388,11 @@ class _ScanRun:
             next_tick = max(next_tick + s.batch_interval, time.monotonic())
         self.d.log(f"scan {self.scan.scan_id}: stopped after batch {self.ckpt.state['batch']}")
         return None
+
+    def _note_batch(self, out: dict) -> None:
+        note = getattr(self.d.source, "note_batch", None)
+        if note is not None:
+            note(len(out["new"]), int((self.applied > 0).sum()))
 
     def _batch_name(self) -> str:
         return f"batch-{self.ckpt.state['batch'] + 1:05d}.h5"

@@ -1,10 +1,10 @@
-"""Stream URLs: ``kafka://HOST:PORT/TOPIC``, ``zmq://HOST:PORT`` and (a source only)
-``bluesky+kafka://HOST:PORT/TOPIC``."""
+"""Stream URLs: ``kafka://HOST:PORT/TOPIC``, ``zmq://HOST:PORT`` and (sources only)
+``bluesky+kafka://HOST:PORT/TOPIC`` and ``stream-v2://DETECTOR:PORT[?clients=ranks]``."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 from sparkmpi.streaming.kafka_transport import StreamError
 
@@ -32,11 +32,24 @@ def parse(url: str) -> tuple[str, str, int, str]:
     return parsed.scheme, parsed.hostname, port, topic
 
 
+def _clients(url: str) -> str:
+    """Who connects to a Stream V2 detector: ``?clients=driver`` (the default: one socket on
+    the driver) or ``?clients=ranks`` (one on every rank); :class:`StreamError` otherwise."""
+    query = parse_qs(urlparse(url).query)
+    unknown = set(query) - {"clients"}
+    clients = query.get("clients", ["driver"])
+    if unknown or len(clients) != 1 or clients[0] not in ("driver", "ranks"):
+        raise StreamError(f"{url}: the only option is ?clients=driver or ?clients=ranks")
+    return clients[0]
+
+
 def check(url: str, access: StreamAccess | None = None) -> None:
     """Raises :class:`StreamError` if ``url`` is malformed, its Kafka broker does not answer a
     client made with ``access``'s Kafka settings, or (ZeroMQ) ``access``'s keys lack the
     driver's."""
     scheme, host, port, _ = parse(url)
+    if scheme == "stream-v2":
+        _clients(url)
     if scheme in ("kafka", "bluesky+kafka"):
         from sparkmpi.streaming.kafka_transport import check_broker
 
@@ -63,7 +76,7 @@ def open_source(url: str, log=print, access: StreamAccess | None = None):
     if scheme == "stream-v2":  # DECTRIS Stream V2: connects to the detector's PUSH socket
         from sparkmpi.streaming.stream_v2 import StreamV2Source
 
-        return StreamV2Source(host, port, log=log)
+        return StreamV2Source(host, port, log=log, on_ranks=_clients(url) == "ranks")
     from sparkmpi.streaming.zmq_transport import ZmqSource
 
     return ZmqSource(host, port, log=log, curve=access.curve if access else None)

@@ -16,6 +16,7 @@ import numpy as np
 
 from sparkmpi.streaming.app import app_class
 from sparkmpi.streaming.protocol import Frame, MalformedRecord, ScanStart, decode
+from sparkmpi.streaming.stream_v2_ranks import take_control, take_images
 
 FAULTS_ENV = "SPARKMPI_STREAM_FAULTS"
 
@@ -154,24 +155,28 @@ def rank_step(app: str, scan: ScanStart, settings, step: dict, comm, work):
     if share is None:
         _shares.clear()  # one scan at a time per session
         share = _shares[key] = _Share(app, scan, settings, comm, step.get("restore"))
-    frames, malformed, reached, restored = _materialize(work or [], scan)
+    local = take_images(scan.scan_id)  # read by this rank from the detector itself
+    frames, malformed, reached, restored = _materialize([*(work or []), *local], scan)
     restored = _to_owners(comm, restored)
     share.apply(restored)
     new, duplicates = share.apply(_to_owners(comm, frames))
+    control, rejected = take_control()
+    idle = step.get("skip_idle") and comm.allreduce(len(new) + len(restored)) == 0
     frames_file = None
     if new and step.get("frames_dir"):
         frames_file = os.path.join(step["frames_dir"], f"b{step['batch']:06d}-r{comm.rank}.npz")
         _save(new, frames_file)
     fault_point(scan.scan_id, step["batch"], comm.rank)
-    result = share.app.iterate(step["iterations"])
+    result = None if idle else share.app.iterate(step["iterations"])
     return {
         "new": [f.index for f in new],
         "restored": len(restored),
         "applied": (list(share.applied), list(share.applied.values())),
         "newest_produced": max((f.produced for f in new), default=None),
         "duplicates": duplicates,
-        "malformed": malformed,
+        "malformed": malformed + rejected,
+        "control": control,
         "reached": reached,
         "frames_file": frames_file,
-        "result": result if comm.rank == 0 else None,
+        "result": result if comm.rank == 0 else None,  # None on rank 0: an idle batch
     }

@@ -141,6 +141,12 @@ class StreamV2Image:
         return [Frame(scan.scan_id, self.index, array.astype(want, copy=False), self.received)]
 
 
+def image_key(message: Mapping) -> tuple[str, int]:
+    """(scan id, frame index) of an ``image`` message, from its header alone."""
+    series = _uint(message, "series_id")
+    return scan_id_of(series, message.get("series_unique_id", "")), _uint(message, "image_id")
+
+
 def _image(scan_id: str, index: int, message, received: float) -> StreamV2Image:
     """Unpickles a :class:`StreamV2Image` whose message travelled out of band."""
     return StreamV2Image(scan_id, index, bytes(message), received)
@@ -159,23 +165,31 @@ class StreamV2Source(QueuedSource):
         log=print,
         channel: str | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        on_ranks: bool = False,
     ):
         import zmq
 
+        from sparkmpi.streaming.stream_v2_ranks import RankInput
+
         self.log, self.channel = log, channel
         self.endpoint = f"tcp://{host}:{port}"
-        self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.PULL)
-        self.socket.setsockopt(zmq.RCVHWM, 100_000)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)  # a bigger one drops the peer
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(self.endpoint)
         self._init_queue()  # of StreamV2Image
         self.rejected = 0
         self._series: dict[tuple[int, str], ScanStart] = {}  # every series started, by identity
         self._last: str | None = None  # the newest series
         self._dropped: set[str] = set()
         self._stop = threading.Event()
+        self._batches: dict[str, tuple[int, int]] = {}  # scan id -> (quiet batches, used)
+        self.rank_input = RankInput(self.endpoint, max_message_bytes) if on_ranks else None
+        if on_ranks:  # the ranks connect; their start and end messages come through relay()
+            self.socket = None
+            return
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.PULL)
+        self.socket.setsockopt(zmq.RCVHWM, 100_000)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)  # a bigger one drops the peer
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(self.endpoint)
         self._thread = threading.Thread(target=self._receive, name="sparkmpi-sv2", daemon=True)
         self._thread.start()
 
@@ -189,15 +203,49 @@ class StreamV2Source(QueuedSource):
                 message = self.socket.recv()
             except zmq.ZMQError:
                 return
-            try:
-                with self._lock:
-                    self._take(message)
-            except MalformedRecord as exc:
-                self.rejected += 1
-                self.log(f"stream-v2: skipped a message: {exc}")
-            except Exception as exc:  # a bad message never stops the thread
-                self.rejected += 1
-                self.log(f"stream-v2: skipped a message ({type(exc).__name__}: {exc})")
+            self._handle(message)
+
+    def _handle(self, message: bytes) -> None:
+        try:
+            with self._lock:
+                self._take(message)
+        except MalformedRecord as exc:
+            self.rejected += 1
+            self.log(f"stream-v2: skipped a message: {exc}")
+        except Exception as exc:  # a bad message never stops the thread
+            self.rejected += 1
+            self.log(f"stream-v2: skipped a message ({type(exc).__name__}: {exc})")
+
+    def relay(self, messages: list[bytes]) -> None:
+        """Handles the ``start``/``end`` messages the ranks received (``clients=ranks``) as
+        if this source's socket had."""
+        for message in messages:
+            self._handle(message)
+
+    def note_batch(self, new_frames: int, used_frames: int) -> None:
+        """What a batch took (``clients=ranks``): the scan is complete once its end is in and
+        every frame is used, or three batches after its end brought nothing (images the
+        detector sent to other sockets may arrive after the end)."""
+        if self.scan is None:
+            return
+        quiet, _ = self._batches.get(self.scan.scan_id, (0, 0))
+        quiet = quiet + 1 if self._scan_ended() and not new_frames else 0
+        self._batches[self.scan.scan_id] = (quiet, used_frames)
+
+    def _scan_ended(self) -> bool:
+        return self.scan is not None and self.scan.scan_id in self._ended
+
+    @property
+    def ended(self) -> bool:
+        return self.complete() if self.rank_input is not None else super().ended
+
+    def complete(self) -> bool:
+        if self.rank_input is None:
+            return super().complete()
+        if not self._scan_ended():
+            return False
+        quiet, used = self._batches.get(self.scan.scan_id, (0, 0))
+        return used >= self.scan.frames or quiet >= 3
 
     def _known(self, message: Mapping) -> ScanStart:
         kind = message["type"]
@@ -228,6 +276,8 @@ class StreamV2Source(QueuedSource):
             index = _uint(message, "image_id")
             if index >= scan.frames:
                 raise MalformedRecord(f"image_id {index} outside 0..{scan.frames - 1}")
+            if self.rank_input is not None:
+                raise MalformedRecord("an image relayed to the driver")
             if scan.scan_id not in self._dropped:
                 self._queue.append(StreamV2Image(scan.scan_id, index, raw, time.time()))
         elif kind == "end":
@@ -267,6 +317,8 @@ class StreamV2Source(QueuedSource):
         return work
 
     def close(self) -> None:
+        if self.socket is None:
+            return
         self._stop.set()
         self._thread.join(2)
         self.socket.close(linger=0)

@@ -132,7 +132,7 @@ def messages(
 
 
 def _endpoint(url_or_host_port: str) -> str:
-    text = url_or_host_port
+    text = url_or_host_port.partition("?")[0]  # ?clients= concerns the receiving side
     for prefix in ("stream-v2://", "tcp://"):
         text = text.removeprefix(prefix)
     host, _, port = text.rpartition(":")
