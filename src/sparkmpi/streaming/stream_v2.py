@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import pickle
 import re
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -167,9 +166,7 @@ class StreamV2Source(QueuedSource):
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         on_ranks: bool = False,
     ):
-        import zmq
-
-        from sparkmpi.streaming.stream_v2_ranks import RankInput
+        from sparkmpi.streaming.stream_v2_ranks import PullThread, RankInput
 
         self.log, self.channel = log, channel
         self.endpoint = f"tcp://{host}:{port}"
@@ -178,32 +175,10 @@ class StreamV2Source(QueuedSource):
         self._series: dict[tuple[int, str], ScanStart] = {}  # every series started, by identity
         self._last: str | None = None  # the newest series
         self._dropped: set[str] = set()
-        self._stop = threading.Event()
         self._batches: dict[str, tuple[int, int]] = {}  # scan id -> (quiet batches, used)
-        self.rank_input = RankInput(self.endpoint, max_message_bytes) if on_ranks else None
-        if on_ranks:  # the ranks connect; their start and end messages come through relay()
-            self.socket = None
-            return
-        self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.PULL)
-        self.socket.setsockopt(zmq.RCVHWM, 100_000)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)  # a bigger one drops the peer
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(self.endpoint)
-        self._thread = threading.Thread(target=self._receive, name="sparkmpi-sv2", daemon=True)
-        self._thread.start()
-
-    def _receive(self) -> None:
-        import zmq
-
-        while not self._stop.is_set():
-            try:
-                if not self.socket.poll(100):
-                    continue
-                message = self.socket.recv()
-            except zmq.ZMQError:
-                return
-            self._handle(message)
+        spec = RankInput(self.endpoint, max_message_bytes)
+        self.rank_input = spec if on_ranks else None  # then the ranks connect, not the driver
+        self._pull = None if on_ranks else PullThread(spec, self._handle, "sparkmpi-sv2")
 
     def _handle(self, message: bytes) -> None:
         try:
@@ -317,9 +292,5 @@ class StreamV2Source(QueuedSource):
         return work
 
     def close(self) -> None:
-        if self.socket is None:
-            return
-        self._stop.set()
-        self._thread.join(2)
-        self.socket.close(linger=0)
-        self.context.term()
+        if self._pull is not None:
+            self._pull.close()

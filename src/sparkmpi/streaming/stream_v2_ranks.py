@@ -31,24 +31,22 @@ class RankInput:
     max_message_bytes: int
 
 
-class _Receiver:
-    def __init__(self, spec: RankInput):
+class PullThread:
+    """A PULL socket connected to ``spec.endpoint``, read by a daemon thread that gives every
+    message to ``handle`` (which must not raise)."""
+
+    def __init__(self, spec: RankInput, handle, name: str):
         import zmq
 
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.PULL)
         self.socket.setsockopt(zmq.RCVHWM, 100_000)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, spec.max_message_bytes)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, spec.max_message_bytes)  # bigger: peer dropped
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(spec.endpoint)
-        self.lock = threading.Lock()
-        self.images: list = []
-        self.control: list[bytes] = []
-        self.rejected: list[str] = []
-        self.served: set[str] = set()  # scans a batch has taken images of
-        self.current: str | None = None  # the newest of them
+        self.handle = handle
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._receive, name="sparkmpi-sv2-rank", daemon=True)
+        self.thread = threading.Thread(target=self._receive, name=name, daemon=True)
         self.thread.start()
 
     def _receive(self) -> None:
@@ -58,17 +56,39 @@ class _Receiver:
             try:
                 if not self.socket.poll(100):
                     continue
-                raw = self.socket.recv()
+                message = self.socket.recv()
             except zmq.ZMQError:
                 return
-            try:
-                self._take(raw)
-            except MalformedRecord as exc:
-                with self.lock:
-                    self.rejected.append(str(exc))
-            except Exception as exc:  # a bad message never stops the thread
-                with self.lock:
-                    self.rejected.append(f"{type(exc).__name__}: {exc}")
+            self.handle(message)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(2)
+        self.socket.close(linger=0)
+        self.context.term()
+
+
+class _Receiver:
+    """One rank's client of the detector: images kept by scan, control messages to relay."""
+
+    def __init__(self, spec: RankInput):
+        self.lock = threading.Lock()
+        self.images: list = []
+        self.control: list[bytes] = []
+        self.rejected: list[str] = []
+        self.served: set[str] = set()  # scans a batch has taken images of
+        self.current: str | None = None  # the newest of them
+        self.pull = PullThread(spec, self._on_message, "sparkmpi-sv2-rank")
+
+    def _on_message(self, raw: bytes) -> None:
+        try:
+            self._take(raw)
+        except MalformedRecord as exc:
+            with self.lock:
+                self.rejected.append(str(exc))
+        except Exception as exc:  # a bad message never stops the thread
+            with self.lock:
+                self.rejected.append(f"{type(exc).__name__}: {exc}")
 
     def _take(self, raw: bytes) -> None:
         from sparkmpi.streaming.stream_v2 import StreamV2Image, image_key
@@ -102,12 +122,6 @@ class _Receiver:
             control, rejected = self.control, self.rejected
             self.control, self.rejected = [], []
             return control, rejected
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(2)
-        self.socket.close(linger=0)
-        self.context.term()
 
 
 _receivers: dict[str, _Receiver] = {}
