@@ -215,7 +215,9 @@ class ScanBatches:
             if time.monotonic() < next_tick and not source.ended:
                 continue
             try:
-                self.d.start_session()  # before taking the items: it may take seconds
+                if self.d.session is None:  # before taking the items: it may take seconds,
+                    self.d.start_session()
+                    active = max(active, time.monotonic())  # which are not idleness
                 items = source.poll(0.0)
                 if items or any(self.restore) or self.d.rank_input is not None:
                     work = source.route(items, ranks)
