@@ -81,9 +81,11 @@ def _run_app(args: argparse.Namespace) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (InputFileError, MPIJobError, ValueError, RuntimeError, FileNotFoundError) as exc:
+    except (InputFileError, MPIJobError, ValueError, RuntimeError, OSError) as exc:
         sub = getattr(args, args.command, None)
         name = f"spark-mpi {args.command}" + (f" {sub}" if sub and sub != args.command else "")
+        if isinstance(exc, OSError) and exc.filename and exc.strerror:
+            exc = f"{exc.filename}: {exc.strerror}"  # any file-system error names its path
         print(f"{name}: {exc}", file=sys.stderr)
         return 1
 

@@ -3,6 +3,7 @@ writes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,3 +53,28 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """``path`` as a file this process may create or replace; :class:`InputFileError` (one
+    line naming it) if it is a directory, a parent is not a directory, or the nearest existing
+    parent is not writable. Meant to run before any work, so a bad output costs nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputFileError(f"{path}: is a directory, not a file to write")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputFileError(f"{path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputFileError(f"{path}: cannot write in {existing}")
+    return path
+
+
+@contextmanager
+def atomic_outputs(*paths: str | os.PathLike) -> Iterator[list[Path]]:
+    """:func:`atomic_output` for several files that belong together (a volume and its PNG):
+    on a clean exit each replaces its path; on an exception none is written."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_output(path)) for path in paths]

@@ -33,6 +33,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from sparkmpi.apps.ptycho.figures import save_reconstruction_png
     from sparkmpi.apps.ptycho.pipeline import reconstruct
     from sparkmpi.apps.ptycho.solver import SolverSettings, phase_error
+    from sparkmpi.files import atomic_outputs, check_output_path
     from sparkmpi.runner.context import spark_session
     from sparkmpi.runner.progress import IterationProgress
 
@@ -46,6 +47,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     )
     if Path(args.output).suffix.lower() not in (".h5", ".hdf5", ".cxi"):
         raise ValueError(f"{args.output}: the reconstruction is written as HDF5 (.h5)")
+    png = Path(args.png) if args.png else Path(args.output).with_suffix(".png")
+    check_output_path(args.output), check_output_path(png)  # before any work
     check_before_launch(settings.backend, args.master)
     scan = read_cxi(args.input)
     spark = spark_session(args.master, cores=args.ranks, app_name="spark-mpi ptycho")
@@ -59,10 +62,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         record["phase_error_rad"] = phase_error(
             rec.object, scan.truth_object, lit, remove_ramp=settings.probe_start is not None
         )
-    write_reconstruction(args.output, rec, record)
-    png = Path(args.png) if args.png else Path(args.output).with_suffix(".png")
     title = f"{settings.algorithm.upper()}, {record['frames']} frames, {args.ranks} ranks"
-    save_reconstruction_png(rec, png, title)
+    with atomic_outputs(args.output, png) as (rec_tmp, png_tmp):  # both or neither
+        write_reconstruction(rec_tmp, rec, record)
+        save_reconstruction_png(rec, png_tmp, title)
     truth = (
         f", phase error {record['phase_error_rad']:.4f} rad" if "phase_error_rad" in record else ""
     )

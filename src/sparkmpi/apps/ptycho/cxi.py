@@ -63,10 +63,26 @@ def write_cxi(scan: Scan, path: str | os.PathLike) -> None:
             f[f"{TRUTH}/probe"] = scan.truth_probe
 
 
-def _dataset(f, name: str, path) -> np.ndarray:
+def _dataset(f, name: str, path, ndim: int | None = None) -> np.ndarray:
+    """Dataset ``name`` of ``f`` as an array (of ``ndim`` dimensions when given, 0: a number);
+    :class:`PtychoInputError` naming the file and the entry otherwise."""
+    import h5py
+
     if name not in f:
         raise PtychoInputError(f"{path}: missing dataset {name}")
-    return f[name][()]
+    item = f[name]
+    if not isinstance(item, h5py.Dataset):
+        raise PtychoInputError(f"{path}: {name} is a {type(item).__name__.lower()}, not a dataset")
+    try:
+        value = np.asarray(item[()])
+    except Exception as exc:
+        raise PtychoInputError(f"{path}: cannot read {name} ({reason(exc)})") from None
+    if value.dtype.kind not in "biufc":
+        raise PtychoInputError(f"{path}: {name} holds {value.dtype}, not numbers")
+    if ndim is not None and value.ndim != ndim:
+        what = "a number" if ndim == 0 else f"{ndim}-D"
+        raise PtychoInputError(f"{path}: {name} has shape {value.shape}, expected {what}")
+    return value
 
 
 def read_cxi(path: str | os.PathLike) -> Scan:
@@ -84,11 +100,11 @@ def read_cxi(path: str | os.PathLike) -> Scan:
     except OSError as exc:
         raise PtychoInputError(f"{path}: not an HDF5/CXI file ({reason(exc)})") from None
     with f:
-        frames = np.asarray(_dataset(f, f"{DETECTOR}/data", path), dtype=np.float32)
-        energy_j = float(_dataset(f, f"{SOURCE}/energy", path))
-        distance = float(_dataset(f, f"{DETECTOR}/distance", path))
-        pixel = float(_dataset(f, f"{DETECTOR}/x_pixel_size", path))
-        translation = np.asarray(_dataset(f, TRANSLATION, path), dtype=np.float64)
+        frames = np.asarray(_dataset(f, f"{DETECTOR}/data", path, 3), dtype=np.float32)
+        energy_j = float(_dataset(f, f"{SOURCE}/energy", path, 0).real)
+        distance = float(_dataset(f, f"{DETECTOR}/distance", path, 0).real)
+        pixel = float(_dataset(f, f"{DETECTOR}/x_pixel_size", path, 0).real)
+        translation = np.asarray(_dataset(f, TRANSLATION, path, 2), dtype=np.float64)
         probe = f[f"{SOURCE}/illumination"][()] if f"{SOURCE}/illumination" in f else None
         truth = {k: f[f"{TRUTH}/{k}"][()] for k in ("object", "probe") if f"{TRUTH}/{k}" in f}
         name = f["/entry_1/sample_1/name"][()] if "/entry_1/sample_1/name" in f else b""

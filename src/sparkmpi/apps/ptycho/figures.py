@@ -51,7 +51,7 @@ def save_reconstruction_png(rec, path: str | os.PathLike, title: str = "") -> No
     axes[-1].set_xlabel("iteration")
     axes[-1].set_title("Fourier error")
     axes[-1].grid(True, which="both", alpha=0.3)
-    fig.suptitle(title)
+    fig.suptitle(title, parse_math=False)  # a file name may hold $
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)

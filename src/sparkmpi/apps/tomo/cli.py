@@ -58,6 +58,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from sparkmpi.apps.tomo.parquet import write_parquet
     from sparkmpi.apps.tomo.pipeline import ReconSettings, reconstruct
     from sparkmpi.apps.tomo.volume import FORMATS, save_orthoslices_png, write_volume
+    from sparkmpi.files import atomic_outputs, check_output_path
     from sparkmpi.runner.context import spark_session
     from sparkmpi.runner.progress import IterationProgress
 
@@ -74,6 +75,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{args.output}: unknown volume format (expected one of {', '.join(FORMATS)})"
         )
+    png = Path(args.png) if args.png else Path(args.output).with_suffix(".png")
+    check_output_path(args.output), check_output_path(png)  # before any work
     check_before_launch(settings.backend, args.master)
     with tempfile.TemporaryDirectory(prefix="spark-mpi-tomo-") as tmp:
         parquet = Path(args.input)
@@ -90,9 +93,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
                 )
         finally:
             spark.stop()
-    write_volume(volume, args.output, metadata=record)
-    png = Path(args.png) if args.png else Path(args.output).with_suffix(".png")
-    save_orthoslices_png(volume, png, title=f"{settings.algorithm.upper()} of {record['source']}")
+    title = f"{settings.algorithm.upper()} of {record['source']}"
+    with atomic_outputs(args.output, png) as (volume_tmp, png_tmp):  # both or neither
+        write_volume(volume, volume_tmp, metadata=record)
+        save_orthoslices_png(volume, png_tmp, title=title)
     print(
         f"wrote {args.output} {tuple(volume.shape)} and {png} in {record['seconds']:.1f} s "
         f"({record['engine']}, {record['ranks']} ranks)"

@@ -101,6 +101,17 @@ def _check_exists(path: Path) -> None:
         raise TomoInputError(f"{path}: no such file")
 
 
+class _Complaints(logging.Handler):
+    """Keeps the messages of the warnings and errors logged to it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(" ".join(record.getMessage().split()))
+
+
 def read_tiff_series(
     path: str | os.PathLike, angles_deg: np.ndarray | list[float] | None = None
 ) -> TiltSeries:
@@ -114,9 +125,12 @@ def read_tiff_series(
 
     path = Path(path)
     _check_exists(path)
-    quiet = logging.getLogger("tifffile")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)  # its warnings would repeat the error we raise
+    complaints = _Complaints()
+    logger = logging.getLogger("tifffile")
+    saved = logger.level, logger.propagate
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False  # its warnings become our one-line error, not extra output
+    logger.addHandler(complaints)
     try:
         with tifffile.TiffFile(path) as tif:
             pages = [page.asarray() for page in tif.pages]
@@ -124,7 +138,13 @@ def read_tiff_series(
     except Exception as exc:
         raise TomoInputError(f"{path}: not a readable TIFF ({reason(exc)})") from None
     finally:
-        quiet.setLevel(level)
+        logger.removeHandler(complaints)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+    if complaints.messages:  # e.g. a truncated file: tifffile reads the pages it can
+        raise TomoInputError(
+            f"{path}: damaged TIFF ({complaints.messages[0]}); {len(pages)} pages readable"
+        )
     if not pages:
         raise TomoInputError(f"{path}: TIFF has no pages")
     for i, page in enumerate(pages):

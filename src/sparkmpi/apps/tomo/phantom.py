@@ -47,10 +47,12 @@ def blobs_phantom(shape: tuple[int, int, int], n_blobs: int = 40, seed: int = 0)
 
 
 def tilt_angles(max_deg: float = 73.0, step_deg: float = 2.0) -> np.ndarray:
-    """Tilt angles from ``-max_deg`` to ``+max_deg`` in ``step_deg`` steps (74 by default)."""
+    """Tilt angles ``step_deg`` apart, symmetric about 0 and never beyond ``±max_deg`` (the
+    most that fit: -73..+73 in 2° steps by default, 74 angles; -70..+70 for a 10° step)."""
     if max_deg < 0 or step_deg <= 0:
         raise ValueError("tilt range must be >= 0 and the step > 0 degrees")
-    return np.arange(-max_deg, max_deg + step_deg / 2, step_deg, dtype=np.float64)
+    steps = int(np.floor(2 * max_deg / step_deg + 1e-9))
+    return -steps * step_deg / 2 + step_deg * np.arange(steps + 1, dtype=np.float64)
 
 
 def simulate_tilt_series(volume: np.ndarray, angles_deg: np.ndarray) -> np.ndarray:

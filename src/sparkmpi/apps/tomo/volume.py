@@ -174,7 +174,7 @@ def save_orthoslices_png(volume: np.ndarray, path: str | os.PathLike, title: str
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
         fig.colorbar(shown, ax=axes, shrink=0.8, label="value")
-        fig.suptitle(title or f"volume {nz} x {ny} x {nx}")
+        fig.suptitle(title or f"volume {nz} x {ny} x {nx}", parse_math=False)  # names hold $
         with atomic_output(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
     finally:
