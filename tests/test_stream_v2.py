@@ -304,3 +304,24 @@ def test_ranks_reading_the_detector_skip_bad_messages_and_finish_the_scan(spark,
     assert len(skipped) == 3, log
     for reason in ("not CBOR", "truncated", "image_id 6 outside 0..5"):
         assert reason in "\n".join(skipped), (reason, log)
+
+
+def test_relayed_messages_from_several_ranks_have_no_order(small):
+    first = list(series_messages(small, 3, "uint16", None, unique_id="o"))
+    other = list(series_messages(small, 4, "uint16", None, unique_id="p"))
+    log = Log()
+    source = StreamV2Source("127.0.0.1", free_port(), log=log, on_ranks=True)
+    source.relay([first[-1], first[0]])  # rank 0 had the end, rank 1 the start
+    scan = source.wait_for_scan(timeout=1)
+    assert scan is not None and scan.scan_id == "series-3-o" and source.rejected == 0
+    source.note_batch(len(first) - 2, len(first) - 2)
+    assert source.complete()
+    source.relay([other[-1]])  # an end whose start is still on its way
+    source.relay([])
+    source.relay([other[0]])
+    assert source.rejected == 0 and source.wait_for_scan(timeout=1).scan_id == "series-4-p"
+    source.relay([edit(other[-1], series_id=9)])  # an end of a series that never starts
+    for _ in range(3):
+        source.relay([])
+    assert source.rejected == 1 and "series 9, which has no start" in "\n".join(log)
+    source.close()

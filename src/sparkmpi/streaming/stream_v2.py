@@ -140,6 +140,15 @@ class StreamV2Image:
         return [Frame(scan.scan_id, self.index, array.astype(want, copy=False), self.received)]
 
 
+def _kind_and_series(raw: bytes) -> tuple[str, tuple]:
+    """A message's type and series identity (both empty if it does not parse)."""
+    try:
+        message = loads(raw)
+        return message["type"], (message.get("series_id"), str(message.get("series_unique_id", "")))
+    except MalformedRecord:
+        return "", ()
+
+
 def image_key(message: Mapping) -> tuple[str, int]:
     """(scan id, frame index) of an ``image`` message, from its header alone."""
     series = _uint(message, "series_id")
@@ -176,6 +185,7 @@ class StreamV2Source(QueuedSource):
         self._last: str | None = None  # the newest series
         self._dropped: set[str] = set()
         self._batches: dict[str, tuple[int, int]] = {}  # scan id -> (quiet batches, used)
+        self._early_ends: list = []  # relayed ends whose start has not come yet
         spec = RankInput(self.endpoint, max_message_bytes)
         self.rank_input = spec if on_ranks else None  # then the ranks connect, not the driver
         self._pull = None if on_ranks else PullThread(spec, self._handle, "sparkmpi-sv2")
@@ -193,9 +203,18 @@ class StreamV2Source(QueuedSource):
 
     def relay(self, messages: list[bytes]) -> None:
         """Handles the ``start``/``end`` messages the ranks received (``clients=ranks``) as
-        if this source's socket had."""
-        for message in messages:
-            self._handle(message)
+        if this source's socket had. Messages that reached different ranks have no order, so
+        starts go first, and an ``end`` of a series not started yet waits for up to three more
+        calls (its ``start`` may be on its way) before it is handled, and refused."""
+        waiting, self._early_ends = self._early_ends, []
+        fresh = [(_kind_and_series(m), m, 0) for m in messages]
+        for (kind, series), message, tries in sorted(
+            [*fresh, *waiting], key=lambda item: item[0][0] != "start"
+        ):
+            if kind == "end" and series not in self._series and tries < 3:
+                self._early_ends.append(((kind, series), message, tries + 1))
+            else:
+                self._handle(message)
 
     def note_batch(self, new_frames: int, used_frames: int) -> None:
         """What a batch took (``clients=ranks``): the scan is complete once its end is in and
