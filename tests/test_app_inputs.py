@@ -97,3 +97,35 @@ def test_cxi_entries_of_the_wrong_kind_give_one_line(tmp_path, damage):
     done = spark_mpi("ptycho", "reconstruct", str(path), str(out), timeout=120)
     one_line_failure(done, "scan.cxi", why)
     assert not out.exists()
+
+
+def test_parquet_slices_are_checked_before_the_ranks_start(series_tif, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sparkmpi.apps.tomo.parquet import write_parquet
+
+    good = tmp_path / "good.parquet"
+    write_parquet(read_tiff_series(series_tif), good)
+    table = pq.read_table(good)
+    short = pa.array(
+        [
+            blob[:-4] if i == 2 else blob
+            for i, blob in enumerate(table.column("sinogram").to_pylist())
+        ],
+        pa.binary(),
+    )
+    damaged = {
+        "blobs.parquet": (table.set_column(1, table.schema.field(1), short), "slice 2's sinogram"),
+        "nocolumn.parquet": (table.rename_columns(["slice", "data"]), "no column 'sinogram'"),
+        "rows.parquet": (table.slice(0, 3), "3 rows do not hold each of slices 0..3 once"),
+    }
+    for name, (bad, why) in damaged.items():
+        path = tmp_path / name
+        pq.write_table(bad.replace_schema_metadata(table.schema.metadata), path)
+        out = tmp_path / f"{name}.h5"
+        done = spark_mpi("tomo", "reconstruct", str(path), str(out), timeout=180)
+        last = done.stderr.strip().splitlines()[-1]  # after Spark's start-up lines
+        assert done.returncode == 1 and last.startswith("spark-mpi tomo reconstruct: ")
+        assert name in last and why in last, done.stderr
+        assert not out.exists() and "Traceback" not in done.stderr

@@ -99,6 +99,54 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
+def check_slices(spark, path: str | os.PathLike, meta: dict) -> None:
+    """Checks, before any reconstruction, that the Parquet tilt series at ``path`` has the
+    columns ``slice`` (integer) and ``sinogram`` (binary), one row per slice 0..n_rows-1, and
+    sinograms of n_angles x n_cols float32 each; :class:`TomoInputError` (one line naming the
+    file) otherwise. The schema comes from the footer; rows and byte counts are counted by one
+    Spark job where the data lies, so only a few numbers reach the driver."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    schema = pq.read_schema(_parquet_file(path))
+    for name, kind, test in (
+        ("slice", "integers", pa.types.is_integer),
+        ("sinogram", "binary", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)),
+    ):
+        if name not in schema.names:
+            raise TomoInputError(f"{path}: no column {name!r} (columns: {', '.join(schema.names)})")
+        if not test(schema.field(name).type):
+            raise TomoInputError(
+                f"{path}: column {name!r} holds {schema.field(name).type}, not {kind}"
+            )
+    n_rows, size = meta["n_rows"], meta["n_angles"] * meta["n_cols"] * _FLOAT32_LE.itemsize
+    try:
+        counts = (
+            spark.read.parquet(str(path))
+            .selectExpr(
+                "count(*) AS rows",
+                "count(DISTINCT slice) AS distinct_slices",
+                f"sum(CASE WHEN slice < 0 OR slice >= {n_rows} THEN 1 ELSE 0 END) AS outside",
+                f"min(CASE WHEN length(sinogram) != {size} OR sinogram IS NULL THEN slice END) "
+                "AS bad_slice",
+            )
+            .first()
+        )
+    except Exception as exc:
+        first = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
+        raise TomoInputError(f"{path}: not readable by Spark ({first[:300]})") from None
+    if counts["rows"] != n_rows or counts["distinct_slices"] != n_rows or counts["outside"]:
+        raise TomoInputError(
+            f"{path}: {counts['rows']} rows do not hold each of slices 0..{n_rows - 1} once"
+        )
+    if counts["bad_slice"] is not None:
+        raise TomoInputError(
+            f"{path}: slice {counts['bad_slice']}'s sinogram is not {meta['n_angles']} x "
+            f"{meta['n_cols']} float32 ({size} bytes)"
+        )
+
+
 def decode_sinogram(data: bytes | bytearray | memoryview, n_angles: int, n_cols: int) -> np.ndarray:
     """The writable float32 (n_angles, n_cols) sinogram encoded in ``data``; a byte count
     that does not match the shape raises ValueError."""

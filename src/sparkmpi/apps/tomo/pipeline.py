@@ -20,7 +20,7 @@ import numpy as np
 
 from sparkmpi.apps.cuda import use_rank_device
 from sparkmpi.apps.tomo.algorithms import BACKENDS, art, estimate_center, fbp, sirt
-from sparkmpi.apps.tomo.parquet import decode_sinogram, read_metadata
+from sparkmpi.apps.tomo.parquet import check_slices, decode_sinogram, read_metadata
 from sparkmpi.apps.tomo.projector import system_matrix
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,7 @@ def reconstruct(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     meta = read_metadata(parquet)
+    check_slices(spark, parquet, meta)  # one line naming the file, before any rank starts
     angles = np.asarray(meta["angles_deg"])
     if settings.center is None:
         middle = meta["n_rows"] // 2
