@@ -106,3 +106,18 @@ def test_mismatched_sinograms_are_refused(geometry):
     A, sinos = geometry
     with pytest.raises(ValueError, match="do not match"):
         art(sinos[:, :, :10], A, 1)
+
+
+@pytest.mark.parametrize(("n", "center"), [(24, None), (30, 10.5)])
+def test_the_fbp_kernel_is_the_per_angle_gather(n, center):
+    from sparkmpi.apps.tomo.algorithms import _backproject_gather, ramp_filtered
+
+    rng = np.random.default_rng(3)
+    sinos = rng.random((5, 37, 24), np.float32)  # 5 slices, 37 angles, 24 bins
+    angles = np.sort(rng.uniform(0, 180, 37))
+    c = (24 - 1) / 2 if center is None else center
+    reference = _backproject_gather(ramp_filtered(sinos), np.deg2rad(angles), n, c, np)
+    reference *= np.float32(np.pi / 37)
+    kernel = fbp(sinos, angles, n=n, center=center)
+    assert kernel.shape == (5, n, n)
+    np.testing.assert_allclose(kernel, reference, atol=1e-5 * np.abs(reference).max())

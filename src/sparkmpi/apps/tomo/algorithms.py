@@ -254,8 +254,9 @@ def fbp(
     filter: str = "ramlak",
     backend: str = "cpu",
 ) -> np.ndarray:
-    """Filtered back-projection slices (nz, n, n), in the geometry of :mod:`.projector`, on
-    ``backend``'s arrays (the same code for numpy and cupy)."""
+    """Filtered back-projection slices (nz, n, n), in the geometry of :mod:`.projector`: on
+    the CPU the numba kernel :func:`backproject_columns`, on the GPU cupy arrays (the same sum,
+    angle by angle)."""
     be = array_backend(backend)
     xp = be.xp
     sinograms = xp.asarray(sinograms, dtype=xp.float32)
@@ -263,12 +264,25 @@ def fbp(
     n = n_det if n is None else n
     center = (n_det - 1) / 2 if center is None else float(center)
     filtered = ramp_filtered(sinograms, filter, xp)
+    theta = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))
+    if xp is np:
+        columns = np.ascontiguousarray(filtered.transpose(1, 2, 0))  # (angles, bins, slices)
+        out = np.zeros((n, n, nz), dtype=np.float32)
+        backproject_columns(columns, np.cos(theta), np.sin(theta), center, out)
+        return np.ascontiguousarray(out.transpose(2, 0, 1)) * np.float32(np.pi / n_angles)
+    return be.to_host(_backproject_gather(filtered, theta, n, center, xp) * (np.pi / n_angles))
+
+
+def _backproject_gather(filtered, theta: np.ndarray, n: int, center: float, xp: ModuleType):
+    """The back-projection sum (nz, n, n) of ``filtered`` (nz, angles, bins) in ``xp``'s
+    arrays, one gather per angle (the GPU path, and the reference the kernel is tested on)."""
+    nz, n_angles, n_det = filtered.shape
     coords = xp.arange(n) - (n - 1) / 2
     yy, xx = xp.meshgrid(coords, coords, indexing="ij")
     out = xp.zeros((nz, n * n), dtype=xp.float32)
     flat = filtered.reshape(nz * n_angles, n_det)
-    for a, theta in enumerate(np.deg2rad(np.asarray(angles_deg, dtype=np.float64))):
-        t = (xx * np.cos(theta) + yy * np.sin(theta)).ravel() + center
+    for a, angle in enumerate(theta):
+        t = (xx * np.cos(angle) + yy * np.sin(angle)).ravel() + center
         i0 = xp.floor(t).astype(xp.int64)
         w = (t - i0).astype(xp.float32)
         inside = (i0 >= 0) & (i0 + 1 < n_det)
@@ -276,7 +290,30 @@ def fbp(
         rows = flat[a::n_angles]
         value = rows[:, i0c] * (1 - w) + rows[:, i0c + 1] * w
         out += xp.where(inside, value, 0)
-    return be.to_host((out * np.float32(np.pi / n_angles)).reshape(nz, n, n))
+    return out.reshape(nz, n, n)
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def backproject_columns(filtered, cosines, sines, center, out):  # pragma: no cover - compiled
+    """Adds the back-projections of ``filtered`` (angles, bins, slices) to ``out`` (n, n,
+    slices), with linear interpolation in the geometry of :func:`fbp`. Slices are innermost:
+    in parallel-beam geometry every slice of a voxel column shares an angle's interpolation
+    weights, so they are computed once per column and angle and the slice loop vectorizes."""
+    count, bins, slices = filtered.shape
+    n = out.shape[0]
+    half = (n - 1) / 2
+    for iy in numba.prange(n):
+        y = iy - half
+        for ix in range(n):
+            x = ix - half
+            for a in range(count):
+                t = x * cosines[a] + y * sines[a] + center
+                i0 = int(np.floor(t))
+                if i0 >= 0 and i0 + 1 < bins:
+                    right = np.float32(t - i0)
+                    left = np.float32(1.0) - right
+                    for z in range(slices):
+                        out[iy, ix, z] += filtered[a, i0, z] * left + filtered[a, i0 + 1, z] * right
 
 
 def estimate_center(sinogram: np.ndarray, angles_deg: np.ndarray, search: float = 0.25) -> float:

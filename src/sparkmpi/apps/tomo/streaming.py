@@ -4,10 +4,8 @@ refines a filtered back-projection of all projections so far.
 
 Each rank reconstructs a slab of slices (detector rows). Frames reach the rank that owns their
 index; at each ``iterate`` the ranks exchange the new projections' rows so every rank gets the
-rows of its slab, and add their filtered back-projections (a numba kernel, the same sum as
-:func:`~sparkmpi.apps.tomo.algorithms.fbp`) to its running sum. The sum is held (y, x, slice):
-in parallel-beam geometry every slice shares the interpolation weights of a voxel column, so
-the kernel computes them once per column and angle and the slice loop vectorizes. FBP is linear,
+rows of its slab, and add their filtered back-projections (the numba kernel of
+:func:`~sparkmpi.apps.tomo.algorithms.fbp`) to its running sum, held (y, x, slice). FBP is linear,
 so the volume after the last projection equals the batch FBP of the whole scan, in whatever
 order and batches the projections came.
 
@@ -29,7 +27,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from sparkmpi.apps.tomo.algorithms import estimate_center, ramp_filtered
+from sparkmpi.apps.tomo.algorithms import backproject_columns, estimate_center, ramp_filtered
 from sparkmpi.apps.tomo.io import line_integrals
 from sparkmpi.streaming.producer import replay
 from sparkmpi.streaming.protocol import MalformedRecord, ScanStart, check_scan_id
@@ -229,7 +227,7 @@ class TomoStream:
             filtered = ramp_filtered(np.stack([rows for _, rows in new]))
             center = (self.bins - 1) / 2 if self.center is None else self.center
             columns = np.ascontiguousarray(filtered.transpose(0, 2, 1))
-            _backproject(columns, np.cos(theta), np.sin(theta), center, self.sum)
+            backproject_columns(columns, np.cos(theta), np.sin(theta), center, self.sum)
             self.count += len(new)
         scale = np.float32(np.pi / max(self.count, 1))
         slab, change, total = _slab_and_change(self.sum, scale, self.previous)
@@ -272,28 +270,6 @@ def _cores_per_local_rank(comm) -> int:
         local.Free()
     cores = len(os.sched_getaffinity(0))
     return max(1, min(numba.config.NUMBA_NUM_THREADS, cores // ranks))
-
-
-@numba.njit(parallel=True, fastmath=True, cache=True)
-def _backproject(filtered, cosines, sines, center, out):  # pragma: no cover - compiled
-    """Adds the back-projections of ``filtered`` (angles, bins, slices) to ``out`` (n, n,
-    slices), with linear interpolation in the geometry of
-    :func:`~sparkmpi.apps.tomo.algorithms.fbp` (the same sum it makes)."""
-    count, bins, slices = filtered.shape
-    n = out.shape[0]
-    half = (n - 1) / 2
-    for iy in numba.prange(n):
-        y = iy - half
-        for ix in range(n):
-            x = ix - half
-            for a in range(count):
-                t = x * cosines[a] + y * sines[a] + center
-                i0 = int(np.floor(t))
-                if i0 >= 0 and i0 + 1 < bins:
-                    right = np.float32(t - i0)
-                    left = np.float32(1.0) - right
-                    for z in range(slices):
-                        out[iy, ix, z] += filtered[a, i0, z] * left + filtered[a, i0 + 1, z] * right
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
