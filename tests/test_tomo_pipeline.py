@@ -77,6 +77,7 @@ def test_real_tooth_scan_end_to_end(tmp_path, algorithm):
         "5",
         "--ranks",
         "2",
+        *(["--filter", "hann"] if algorithm == "fbp" else []),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     volume = read_volume(out)

@@ -70,6 +70,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         args.center,
         args.binning,
         args.backend,
+        args.filter,
     )
     if Path(args.output).suffix.lower() not in FORMATS:
         raise ValueError(
@@ -131,6 +132,9 @@ def add_commands(sub) -> None:
     rec.add_argument("output", help="volume to write: .h5, .npy, .tif or .vti")
     rec.add_argument("--png", help="three orthogonal slices (default: OUTPUT with .png)")
     rec.add_argument("--algorithm", choices=("art", "sirt", "fbp"), default="art")
+    rec.add_argument(
+        "--filter", choices=("ramlak", "shepp-logan", "hann"), default="ramlak", help="FBP's"
+    )
     rec.add_argument("--iterations", type=int, default=10)
     rec.add_argument("--beta", type=float, default=0.5, help="ART relaxation (0.5)")
     rec.add_argument("--no-positivity", action="store_true")

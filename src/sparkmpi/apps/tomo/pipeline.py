@@ -28,6 +28,9 @@ ALGORITHMS = ("art", "sirt", "fbp")
 ENGINES = ("mpi", "spark")
 
 
+FILTERS = ("ramlak", "shepp-logan", "hann")
+
+
 @dataclass(frozen=True)
 class ReconSettings:
     """How to reconstruct: algorithm, its iterations and relaxation, geometry, and where
@@ -40,6 +43,7 @@ class ReconSettings:
     center: float | None = None  # rotation axis in detector bins (after binning); None: estimate
     binning: int = 1  # average this many detector bins into one
     backend: str = "cpu"
+    filter: str = "ramlak"  # FBP's: ramlak, shepp-logan or hann
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -50,6 +54,8 @@ class ReconSettings:
             raise ValueError("iterations and binning must be >= 1 and beta in (0, 2]")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.filter not in FILTERS:
+            raise ValueError(f"filter must be one of {', '.join(FILTERS)}, not {self.filter!r}")
 
 
 def bin_detector(sinograms: np.ndarray, binning: int) -> np.ndarray:
@@ -70,7 +76,9 @@ def reconstruct_slab(
     n_det = sinograms.shape[-1]
     center = settings.center if settings.center is not None else (n_det - 1) / 2
     if settings.algorithm == "fbp":
-        return fbp(sinograms, angles_deg, n=n_det, center=center, backend=settings.backend)
+        return fbp(
+            sinograms, angles_deg, n_det, center, filter=settings.filter, backend=settings.backend
+        )
     A = system_matrix(n_det, tuple(float(a) for a in angles_deg), n_det, center)
     if settings.algorithm == "sirt":
         return sirt(
