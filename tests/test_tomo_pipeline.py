@@ -112,3 +112,32 @@ def test_bad_inputs_give_one_line_and_no_output(tmp_path):
     done = spark_mpi("tomo", "reconstruct", str(partial), str(vol), timeout=120)
     assert done.returncode == 1 and not vol.exists()
     assert "data_white" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_ranks_write_their_slabs_into_one_volume(tmp_path):
+    import h5py
+
+    from sparkmpi.apps.tomo.phantom import blobs_phantom, simulate_tilt_series, tilt_angles
+    from sparkmpi.viz.data import load
+
+    angles = tilt_angles(72, 6)
+    series = TiltSeries(simulate_tilt_series(blobs_phantom((10, 24, 24), 6), angles), angles)
+    tif = tmp_path / "s.tif"
+    write_tiff_series(tif, series)
+    stored, gathered = tmp_path / "v.h5", tmp_path / "v.npy"
+    for out in (stored, gathered):
+        done = spark_mpi("tomo", "reconstruct", str(tif), str(out), "--algorithm", "fbp")
+        assert done.returncode == 0, done.stderr[-3000:]
+    with h5py.File(stored) as f:
+        assert f["volume"].is_virtual and f["volume"].shape == (10, 24, 24)
+        store = f["volume"][()]
+    slabs = sorted(p.name for p in (tmp_path / "v.slabs").iterdir())
+    assert slabs == ["slab-000000.h5", "slab-000005.h5"]  # one per rank, nothing else
+    np.testing.assert_array_equal(store, np.load(gathered))
+    assert load(str(stored)).volume.shape == (10, 24, 24)  # spark-mpi view reads it
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("v.h5", "v.slabs"):
+        shutil.move(tmp_path / name, moved / name)
+    with h5py.File(moved / "v.h5") as f:  # slab paths are relative: the pair moves together
+        np.testing.assert_array_equal(f["volume"][()], store)

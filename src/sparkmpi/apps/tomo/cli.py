@@ -56,7 +56,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from sparkmpi.apps.cuda import check_before_launch
     from sparkmpi.apps.tomo.io import read_series
     from sparkmpi.apps.tomo.parquet import write_parquet
-    from sparkmpi.apps.tomo.pipeline import ReconSettings, reconstruct
+    from sparkmpi.apps.tomo.pipeline import ReconSettings, reconstruct, reconstruct_to_store
     from sparkmpi.apps.tomo.volume import FORMATS, save_orthoslices_png, write_volume
     from sparkmpi.files import atomic_outputs, check_output_path
     from sparkmpi.runner.context import spark_session
@@ -86,23 +86,53 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
             parquet = Path(tmp) / (Path(args.input).stem + ".parquet")
             write_parquet(series, parquet)
         spark = spark_session(args.master, cores=args.ranks, app_name="spark-mpi tomo")
+        store = Path(args.output).suffix.lower() in (".h5", ".hdf5") and args.engine == "mpi"
         try:
             iterations = 1 if settings.algorithm == "fbp" else settings.iterations
             with IterationProgress(settings.algorithm.upper(), iterations) as progress:
-                volume, record = reconstruct(
-                    spark, parquet, settings, ranks=args.ranks, engine=args.engine, output=progress
-                )
+                if store:  # the ranks write their slabs: the volume never comes here
+                    record = reconstruct_to_store(
+                        spark, parquet, args.output, settings, ranks=args.ranks, output=progress
+                    )
+                else:
+                    volume, record = reconstruct(
+                        spark,
+                        parquet,
+                        settings,
+                        ranks=args.ranks,
+                        engine=args.engine,
+                        output=progress,
+                    )
         finally:
             spark.stop()
     title = f"{settings.algorithm.upper()} of {record['source']}"
-    with atomic_outputs(args.output, png) as (volume_tmp, png_tmp):  # both or neither
-        write_volume(volume, volume_tmp, metadata=record)
-        save_orthoslices_png(volume, png_tmp, title=title)
+    if store:
+        _store_png(args.output, png, title)
+    else:
+        with atomic_outputs(args.output, png) as (volume_tmp, png_tmp):  # both or neither
+            write_volume(volume, volume_tmp, metadata=record)
+            save_orthoslices_png(volume, png_tmp, title=title)
     print(
-        f"wrote {args.output} {tuple(volume.shape)} and {png} in {record['seconds']:.1f} s "
+        f"wrote {args.output} {tuple(record['shape'])} and {png} in {record['seconds']:.1f} s "
         f"({record['engine']}, {record['ranks']} ranks)"
     )
     return 0
+
+
+def _store_png(volume_path, png: Path, title: str) -> None:
+    """The PNG of a volume store, from its three central slices only; if it cannot be made,
+    the store is removed too (a result set is whole or absent)."""
+    import h5py
+
+    from sparkmpi.apps.tomo.volume import save_orthoslices_png
+    from sparkmpi.apps.tomo.volume_store import remove
+
+    try:
+        with h5py.File(volume_path, "r") as f:
+            save_orthoslices_png(f["volume"], png, title=title)
+    except BaseException:
+        remove(volume_path)
+        raise
 
 
 def add_commands(sub) -> None:

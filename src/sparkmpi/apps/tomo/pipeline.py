@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from sparkmpi.apps.cuda import use_rank_device
+from sparkmpi.apps.tomo import volume_store
 from sparkmpi.apps.tomo.algorithms import BACKENDS, art, estimate_center, fbp, sirt
 from sparkmpi.apps.tomo.parquet import check_slices, decode_sinogram, read_metadata
 from sparkmpi.apps.tomo.projector import system_matrix
@@ -163,6 +164,35 @@ def slice_rdd(spark, parquet: str | Path, partitions: int):
     return df.repartitionByRange(partitions, "slice").rdd.map(tuple)
 
 
+def _plan(spark, parquet, settings: ReconSettings, ranks: int):
+    """The driver's part: metadata, checks, the rotation centre (from one slice), the RDD of
+    contiguous slabs. No projection data passes through here but that one slice."""
+    meta = read_metadata(parquet)
+    check_slices(spark, parquet, meta)  # one line naming the file, before any rank starts
+    angles = np.asarray(meta["angles_deg"])
+    if settings.center is None:
+        middle = meta["n_rows"] // 2
+        first = spark.read.parquet(str(parquet)).where(f"slice = {middle}").first()
+        if first is not None:
+            sino = decode_sinogram(first["sinogram"], meta["n_angles"], meta["n_cols"])
+            center = choose_center(sino, angles, settings.binning)
+            if center is not None:
+                settings = ReconSettings(**{**asdict(settings), "center": center})
+    return meta, settings, slice_rdd(spark, parquet, ranks)
+
+
+def _record(meta, parquet, settings, engine, ranks, shape, start, compute_s) -> dict:
+    return {
+        "engine": engine,
+        "ranks": ranks,
+        "settings": asdict(settings),
+        "shape": list(shape),
+        "seconds": time.perf_counter() - start,
+        "reconstruction_s": compute_s,
+        "source": meta.get("source", str(parquet)),
+    }
+
+
 def reconstruct(
     spark,
     parquet: str | Path,
@@ -176,25 +206,15 @@ def reconstruct(
 
     ``ranks`` partitions of contiguous slices are reconstructed in parallel, as MPI ranks
     (``engine="mpi"``) or as plain Spark tasks (``engine="spark"``). ``output`` receives the
-    ranks' output lines (default: printed with a ``[rank N]`` prefix).
+    ranks' output lines (default: printed with a ``[rank N]`` prefix). The volume is gathered
+    in this process: :func:`reconstruct_to_store` keeps it out.
     """
     from sparkmpi import run_mpi
     from sparkmpi.runner.hub import print_prefixed
 
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-    meta = read_metadata(parquet)
-    check_slices(spark, parquet, meta)  # one line naming the file, before any rank starts
-    angles = np.asarray(meta["angles_deg"])
-    if settings.center is None:
-        middle = meta["n_rows"] // 2
-        first = spark.read.parquet(str(parquet)).where(f"slice = {middle}").first()
-        if first is not None:
-            sino = decode_sinogram(first["sinogram"], meta["n_angles"], meta["n_cols"])
-            center = choose_center(sino, angles, settings.binning)
-            if center is not None:
-                settings = ReconSettings(**{**asdict(settings), "center": center})
-    rdd = slice_rdd(spark, parquet, ranks)
+    meta, settings, rdd = _plan(spark, parquet, settings, ranks)
     start = time.perf_counter()
     if engine == "spark":
         pairs = rdd.mapPartitions(partial(_spark_partition, meta, settings)).collect()
@@ -204,13 +224,57 @@ def reconstruct(
     else:
         fn = partial(_mpi_rank, meta, settings)
         ((_, volume, compute_s),) = run_mpi(rdd, fn, output=output or print_prefixed).collect()
-    record = {
-        "engine": engine,
-        "ranks": ranks,
-        "settings": asdict(settings),
-        "shape": list(volume.shape),
-        "seconds": time.perf_counter() - start,
-        "reconstruction_s": compute_s,
-        "source": meta.get("source", str(parquet)),
-    }
+    record = _record(meta, parquet, settings, engine, ranks, volume.shape, start, compute_s)
     return volume.astype(np.float32, copy=False), record
+
+
+def _mpi_rank_to_store(meta: dict, settings: ReconSettings, staging: str, comm, rows):
+    """One rank: reconstruct its slab and write it into ``staging``; rank 0 yields the slabs
+    written (first slice, count) and the slowest rank's seconds."""
+    if settings.backend == "cupy":
+        use_rank_device(comm)
+    index, sinos = _slab(meta, rows)
+    start = time.perf_counter()
+    written = None
+    if len(index):
+        if not np.array_equal(index, np.arange(index[0], index[0] + len(index))):
+            raise RuntimeError(f"rank {comm.rank}: slices {index[0]}..{index[-1]} have gaps")
+        volume = reconstruct_slab(sinos, np.asarray(meta["angles_deg"]), settings)
+        written = volume_store.write_slab(staging, int(index[0]), volume)
+    seconds = comm.allreduce(time.perf_counter() - start, op=_mpi_max())
+    slabs = comm.gather(written, root=0)
+    if comm.rank == 0:
+        print(f"{settings.algorithm}: slabs written on {comm.size} ranks in {seconds:.2f} s")
+        yield [s for s in slabs if s is not None], seconds
+
+
+def reconstruct_to_store(
+    spark,
+    parquet: str | Path,
+    path: str | Path,
+    settings: ReconSettings = ReconSettings(),
+    *,
+    ranks: int = 2,
+    output=None,
+) -> dict:
+    """Reconstructs a Parquet tilt series on MPI ranks that each write their slab into the
+    volume store ``path`` (:mod:`.volume_store`: an HDF5 virtual dataset over per-slab files);
+    the volume never passes through this process. Returns the record of the run (also stored
+    with the volume); on failure nothing is left."""
+    from sparkmpi import run_mpi
+    from sparkmpi.runner.hub import print_prefixed
+
+    meta, settings, rdd = _plan(spark, parquet, settings, ranks)
+    staging = volume_store.staging_dir(path)
+    start = time.perf_counter()
+    try:
+        fn = partial(_mpi_rank_to_store, meta, settings, str(staging))
+        ((slabs, compute_s),) = run_mpi(rdd, fn, output=output or print_prefixed).collect()
+        n = meta["n_cols"] // settings.binning
+        nz = sum(count for _, count in slabs)
+        record = _record(meta, parquet, settings, "mpi", ranks, (nz, n, n), start, compute_s)
+        volume_store.publish(path, staging, slabs, (n, n), metadata=record)
+    except BaseException:
+        volume_store.discard(staging)
+        raise
+    return record

@@ -136,27 +136,32 @@ def read_volume(path: str | os.PathLike) -> np.ndarray:
     return np.array(volume, dtype=np.float32)
 
 
-def save_orthoslices_png(volume: np.ndarray, path: str | os.PathLike, title: str = "") -> None:
+def save_orthoslices_png(volume, path: str | os.PathLike, title: str = "") -> None:
     """Writes a PNG (atomically) of the central XY, XZ and YZ slices of the (nz, ny, nx)
-    ``volume`` in grey on one colour scale (1st to 99.5th percentile) with a colour bar."""
+    ``volume`` in grey on one colour scale (1st to 99.5th percentile of those slices) with a
+    colour bar. ``volume`` may be an h5py dataset: only the three slices are read."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    volume = np.asarray(volume, dtype=np.float32)
-    if volume.ndim != 3 or 0 in volume.shape:
+    if not hasattr(volume, "shape"):
+        volume = np.asarray(volume, dtype=np.float32)
+    if len(volume.shape) != 3 or 0 in volume.shape:
         raise ValueError(f"{path}: expected a non-empty (nz, ny, nx) volume, got {volume.shape}")
     nz, ny, nx = volume.shape
-    finite = volume[np.isfinite(volume)]
+    cuts = [np.asarray(c, dtype=np.float32) for c in (volume[nz // 2], volume[:, ny // 2, :])]
+    cuts.append(np.asarray(volume[:, :, nx // 2], dtype=np.float32))  # three slices are read
+    values = np.concatenate([c.ravel() for c in cuts])
+    finite = values[np.isfinite(values)]
     lo, hi = np.percentile(finite, [1, 99.5]) if finite.size else (0.0, 1.0)
     if not hi > lo:
         lo, hi = float(lo) - 0.5, float(lo) + 0.5
     aspect = "auto" if nz < 8 else "equal"
     panels = (
-        (volume[nz // 2], f"XY (z = {nz // 2})", "x", "y", "upper", "equal"),
-        (volume[:, ny // 2, :], f"XZ (y = {ny // 2})", "x", "z", "lower", aspect),
-        (volume[:, :, nx // 2], f"YZ (x = {nx // 2})", "y", "z", "lower", aspect),
+        (cuts[0], f"XY (z = {nz // 2})", "x", "y", "upper", "equal"),
+        (cuts[1], f"XZ (y = {ny // 2})", "x", "z", "lower", aspect),
+        (cuts[2], f"YZ (x = {nx // 2})", "y", "z", "lower", aspect),
     )
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.8), layout="constrained")
     try:
