@@ -90,6 +90,21 @@ def _run_app(args: argparse.Namespace) -> int:
         return 1
 
 
+def _bench_outputs(
+    parser: argparse.ArgumentParser,
+    module: str,
+    master: str | None = "local mode",
+    what: str = "figures",
+) -> None:
+    """The options every benchmark shares (``--master`` unless ``master`` is None, ``--json``,
+    ``--plot``); the command runs ``sparkmpi.bench.<module>``."""
+    if master is not None:
+        parser.add_argument("--master", help=f"Spark master URL (default {master})")
+    parser.add_argument("--json", help=f"write the {what} as JSON here")
+    parser.add_argument("--plot", help="write a PNG plot here")
+    parser.set_defaults(func=_bench(module))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spark-mpi", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,10 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--repeat", type=int, default=10)
     launch.add_argument("--submissions", type=int, default=50)
     launch.add_argument("--gap", type=float, default=0.5, help="idle seconds before each launch")
-    launch.add_argument("--master", help="Spark master URL (default local[RANKS])")
-    launch.add_argument("--json", help="write the figures as JSON here")
-    launch.add_argument("--plot", help="write a PNG plot here")
-    launch.set_defaults(func=_bench("launch"))
+    _bench_outputs(launch, "launch", master="local[RANKS]")
     allreduce = bench_sub.add_parser(
         "allreduce", help="sum of arrays: Spark collect/treeReduce vs MPI Allreduce (Table I)"
     )
@@ -143,18 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     allreduce.add_argument("--rate", default="10gbit", help="node link rate with --netns (10gbit)")
     allreduce.add_argument("--delay", help="node link delay with --netns, e.g. 0.1ms (netem)")
     allreduce.add_argument("--subnet", default="10.88.0.0/24", help="--netns cluster's subnet")
-    allreduce.add_argument("--json", help="write the results as JSON here")
-    allreduce.add_argument("--plot", help="write a PNG plot here")
-    allreduce.set_defaults(func=_bench("allreduce"))
+    _bench_outputs(allreduce, "allreduce", master=None, what="results")
     tomo = bench_sub.add_parser("tomo", help="ART iteration time on 256³: workers vs textbook loop")
     tomo.add_argument("--size", type=int, default=256, help="volume edge (256)")
     tomo.add_argument("--workers", default="1,2", help="comma-separated worker counts (1,2)")
     tomo.add_argument("--iterations", type=int, default=3, help="ART iterations timed (3)")
     tomo.add_argument("--textbook-slices", type=int, default=2, help="slices of the slow loop")
-    tomo.add_argument("--master", help="Spark master URL (default local mode)")
-    tomo.add_argument("--json", help="write the figures as JSON here")
-    tomo.add_argument("--plot", help="write a PNG plot here")
-    tomo.set_defaults(func=_bench("tomo"))
+    _bench_outputs(tomo, "tomo")
     ptycho = bench_sub.add_parser("ptycho", help="ptychography solver: 1 and 2 ranks vs FFT bound")
     ptycho.add_argument("--frames", type=int, default=512, help="diffraction frames (512)")
     ptycho.add_argument("--size", type=int, default=128, help="frame edge (128)")
@@ -162,10 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     ptycho.add_argument("--ranks", default="1,2", help="comma-separated rank counts (1,2)")
     ptycho.add_argument("--algorithm", choices=("raar", "dm"), default="raar")
     ptycho.add_argument("--quick", action="store_true", help="64 frames of 64², 10 iterations")
-    ptycho.add_argument("--master", help="Spark master URL (default local mode)")
-    ptycho.add_argument("--json", help="write the figures as JSON here")
-    ptycho.add_argument("--plot", help="write a PNG plot here")
-    ptycho.set_defaults(func=_bench("ptycho"))
+    _bench_outputs(ptycho, "ptycho")
     from sparkmpi.bench.gpu import add_arguments as gpu_arguments
 
     gpu = bench_sub.add_parser("gpu", help="solvers on one GPU vs its FFT bound and the CPU")
@@ -190,9 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument(
         "--flood-connections", type=int, default=1100, help="idle connections (0: no floods)"
     )
-    faults.add_argument("--json", help="write the results as JSON here")
-    faults.add_argument("--plot", help="write a PNG plot here")
-    faults.set_defaults(func=_bench("faults"))
+    _bench_outputs(faults, "faults", master=None, what="results")
     stream = bench_sub.add_parser("stream", help="streamed scan through Kafka and ZeroMQ")
     stream.add_argument("--frames", type=int, default=512, help="frames in the scan (512)")
     stream.add_argument("--size", type=int, default=128, help="frame edge (128)")
@@ -205,10 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument(
         "--faults", action="store_true", help="inject faults; lost/twice/recovery/error table"
     )
-    stream.add_argument("--master", help="Spark master URL (default local mode)")
-    stream.add_argument("--json", help="write the figures as JSON here")
-    stream.add_argument("--plot", help="write a PNG plot here")
-    stream.set_defaults(func=_bench("stream"))
+    _bench_outputs(stream, "stream")
 
     tomo_stream = bench_sub.add_parser("stream-tomo", help="streamed tomography (FBP) via ZeroMQ")
     tomo_stream.add_argument("--size", type=int, default=256, help="detector edge = volume (256)")
@@ -216,10 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     tomo_stream.add_argument("--rate", type=float, default=100.0, help="projections/s (100)")
     tomo_stream.add_argument("--batch-interval", type=float, default=1.0, help="seconds (1)")
     tomo_stream.add_argument("--quick", action="store_true", help="91 projections of 48²")
-    tomo_stream.add_argument("--master", help="Spark master URL (default local mode)")
-    tomo_stream.add_argument("--json", help="write the figures as JSON here")
-    tomo_stream.add_argument("--plot", help="write a PNG plot here")
-    tomo_stream.set_defaults(func=_bench("stream_tomo"))
+    _bench_outputs(tomo_stream, "stream_tomo")
 
     bluesky = bench_sub.add_parser(
         "stream-bluesky", help="a Bluesky run via Kafka vs its CXI file (phase error)"
@@ -233,20 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--live", action="store_true", help="produce while the driver follows (default: before)"
     )
     bluesky.add_argument("--quick", action="store_true", help="32 frames of 64²")
-    bluesky.add_argument("--master", help="Spark master URL (default local mode)")
-    bluesky.add_argument("--json", help="write the figures as JSON here")
-    bluesky.add_argument("--plot", help="write a PNG plot here")
-    bluesky.set_defaults(func=_bench("stream_bluesky"))
+    _bench_outputs(bluesky, "stream_bluesky")
 
     v2 = bench_sub.add_parser("stream-v2", help="DECTRIS Stream V2 ingest into the ranks")
     v2.add_argument("--frames", type=int, default=4000, help="images per run (4000)")
     v2.add_argument("--size", type=int, default=512, help="image side in pixels (512)")
     v2.add_argument("--ranks", type=int, default=2)
     v2.add_argument("--batch-interval", type=float, default=0.5, help="seconds (0.5)")
-    v2.add_argument("--master", help="Spark master URL (default local[RANKS])")
-    v2.add_argument("--json", help="write the figures as JSON here")
-    v2.add_argument("--plot", help="write a PNG plot here")
-    v2.set_defaults(func=_bench("stream_v2"))
+    _bench_outputs(v2, "stream_v2", master="local[RANKS]")
     return parser
 
 
