@@ -19,9 +19,9 @@ from sparkmpi.streaming.kafka_transport import (
     Backoff,
     ResultsTopic,
     check_broker,
-    client_config,
     consume,
     consumer_config,
+    ensure_topics,
 )
 from sparkmpi.streaming.protocol import ScanStart
 
@@ -48,25 +48,6 @@ def _decode(value: bytes | None) -> tuple[str, dict]:
     return message[0], message[1]
 
 
-def _ensure_topics(bootstrap: str, topic: str, config: Mapping[str, str] | None) -> int:
-    """Creates the documents topic (one partition) and ``TOPIC.results`` if missing; the
-    documents topic's partition count."""
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient(client_config(bootstrap, config))
-    existing = admin.list_topics(timeout=10).topics
-    new = [NewTopic(t, 1, 1) for t in (topic, f"{topic}.results") if t not in existing]
-    for future in admin.create_topics(new).values() if new else []:
-        try:
-            future.result(timeout=10)
-        except Exception as exc:  # made meanwhile by a publisher: fine
-            if "exist" not in str(exc).lower():
-                raise
-    if topic in existing:
-        return max(len(existing[topic].partitions), 1)
-    return max(len(admin.list_topics(topic, timeout=10).topics[topic].partitions), 1)
-
-
 class BlueskySource:
     """Driver side: reads the documents topic and serves one run at a time as a scan."""
 
@@ -84,7 +65,7 @@ class BlueskySource:
         check_broker(bootstrap, config=config)
         self.bootstrap, self.topic, self.log = bootstrap, topic, log
         self.config = dict(config or {})
-        self.partitions = _ensure_topics(bootstrap, topic, self.config)
+        self.partitions = ensure_topics(bootstrap, topic, 1, self.config, (".results",))
         self.group = group or f"sparkmpi-bluesky-{topic}"
         self._errors: list[str] = []
         self.consumer = Consumer(

@@ -82,18 +82,26 @@ def ensure_topics(
     topic: str,
     partitions: int = PARTITIONS,
     config: Mapping[str, str] | None = None,
+    companions: tuple[str, ...] = (".control", ".results"),
 ) -> int:
-    """Creates the frames, control and results topics of ``topic`` if they do not exist;
-    returns how many partitions the frames topic has."""
+    """Creates ``topic`` (``partitions`` partitions) and its one-partition companion topics
+    (``topic`` + each suffix) if they do not exist; one that another client creates meanwhile
+    is fine. Returns how many partitions ``topic`` has."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient(client_config(bootstrap, config))
     existing = admin.list_topics(timeout=10).topics
-    wanted = {topic: partitions, f"{topic}.control": 1, f"{topic}.results": 1}
+    wanted = {topic: partitions, **{topic + suffix: 1 for suffix in companions}}
     new = [NewTopic(t, n, 1) for t, n in wanted.items() if t not in existing]
     for future in admin.create_topics(new).values() if new else []:
-        future.result(timeout=10)
-    return max(len(existing[topic].partitions), 1) if topic in existing else partitions
+        try:
+            future.result(timeout=10)
+        except Exception as exc:  # made meanwhile by another client: fine
+            if "exist" not in str(exc).lower():
+                raise
+    if topic in existing:
+        return max(len(existing[topic].partitions), 1)
+    return max(len(admin.list_topics(topic, timeout=10).topics[topic].partitions), 1)
 
 
 class KafkaSink:
