@@ -93,10 +93,9 @@ def _scan_to_produce(args: argparse.Namespace):
 
 def cmd_produce(args: argparse.Namespace) -> int:
     import dataclasses
-    import uuid
 
     from sparkmpi.streaming.producer import replay
-    from sparkmpi.streaming.protocol import check_scan_id
+    from sparkmpi.streaming.protocol import scan_id_or_new
 
     access = _access(args)
     start, frames, detector = _scan_to_produce(args)
@@ -108,7 +107,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
             start, frames, args.to, args.rate, args.series_id, log=print, detector=detector
         )
     else:
-        scan_id = check_scan_id(args.scan_id or uuid.uuid4().hex[:12])
+        scan_id = scan_id_or_new(args.scan_id)
         start = dataclasses.replace(start, scan_id=scan_id)
         done = replay(start, frames, args.to, args.rate, log=print, access=access)
     span = done["last"] - done["first"]

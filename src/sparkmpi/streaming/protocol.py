@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,11 @@ class MalformedRecord(ValueError):
 
 
 _SCAN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def scan_id_or_new(scan_id: str | None = None) -> str:
+    """``scan_id`` checked (:func:`check_scan_id`), or a new random one (12 hex digits)."""
+    return check_scan_id(scan_id or uuid.uuid4().hex[:12])
 
 
 def check_scan_id(scan_id: object) -> str:

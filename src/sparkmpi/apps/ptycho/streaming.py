@@ -9,15 +9,13 @@ frame, in object pixels, float), ``geometry`` (``energy_ev``, ``distance_m``,
 
 from __future__ import annotations
 
-import uuid
-
 import numpy as np
 
 from sparkmpi.apps.ptycho.backends import warm_up
 from sparkmpi.apps.ptycho.scan import amplitudes
 from sparkmpi.apps.ptycho.solver import Solver, SolverSettings
 from sparkmpi.streaming.producer import replay
-from sparkmpi.streaming.protocol import MalformedRecord, ScanStart, check_scan_id
+from sparkmpi.streaming.protocol import MalformedRecord, ScanStart, scan_id_or_new
 
 GEOMETRY = ("energy_ev", "distance_m", "pixel_size_m")
 OBJECT_PIXELS_MAX = 1 << 28  # 2 GiB of complex64: more is a mistake or an attack
@@ -61,7 +59,7 @@ def produce(
     """Streams ``scan`` to ``url`` at ``rate_hz`` frames per second (0: as fast as possible),
     as :func:`~sparkmpi.streaming.producer.replay`; a bad ``scan_id`` (default: random) is
     refused before anything is sent."""
-    scan_id = check_scan_id(scan_id or uuid.uuid4().hex[:12])
+    scan_id = scan_id_or_new(scan_id)
     return replay(start_record(scan, scan_id), scan.intensities, url, rate_hz, log, access)
 
 

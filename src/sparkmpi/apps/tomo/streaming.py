@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import uuid
 from pathlib import Path
 
 import numba
@@ -30,7 +29,7 @@ import numpy as np
 from sparkmpi.apps.tomo.algorithms import backproject_columns, estimate_center, ramp_filtered
 from sparkmpi.apps.tomo.io import line_integrals
 from sparkmpi.streaming.producer import replay
-from sparkmpi.streaming.protocol import MalformedRecord, ScanStart, check_scan_id
+from sparkmpi.streaming.protocol import MalformedRecord, ScanStart, scan_id_or_new
 
 VOXELS_MAX = 1 << 28  # 1 GiB of float32
 
@@ -124,7 +123,7 @@ def produce(
 ) -> dict:
     """Streams line integrals ``projections`` (count, rows, bins) taken at ``angles_deg`` to
     ``url``, in the given order, at ``rate_hz`` (0: as fast as possible)."""
-    scan_id = check_scan_id(scan_id or uuid.uuid4().hex[:12])
+    scan_id = scan_id_or_new(scan_id)
     projections = np.asarray(projections, dtype=np.float32)
     start = start_record(angles_deg, projections.shape[1:], scan_id)
     return replay(start, projections, url, rate_hz, log, access)
