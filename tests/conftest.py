@@ -27,6 +27,15 @@ def spark():
     session.stop()
 
 
+@pytest.fixture(scope="module")
+def broker():
+    """A Kafka-protocol broker (Tansu, in memory) for the tests of one module."""
+    from sparkmpi.streaming.broker import TansuBroker
+
+    with TansuBroker() as running:
+        yield running
+
+
 @pytest.fixture(autouse=True)
 def no_rank_left_behind():
     yield

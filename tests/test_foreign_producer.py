@@ -17,7 +17,6 @@ from helpers import Log
 from sparkmpi.apps.ptycho.simulate import simulate
 from sparkmpi.apps.ptycho.solver import phase_error
 from sparkmpi.deploy.ports import free_port
-from sparkmpi.streaming.broker import TansuBroker
 from sparkmpi.streaming.driver import StreamDriver, StreamSettings
 
 SCRIPT = Path(__file__).with_name("foreign_producer.py")
@@ -51,12 +50,6 @@ def scan_npz(tmp_path_factory):
         pixel_size_m=scan.pixel_size_m,
     )
     return scan, path
-
-
-@pytest.fixture(scope="module")
-def broker():
-    with TansuBroker() as running:
-        yield running
 
 
 def test_the_foreign_producer_imports_no_sparkmpi():

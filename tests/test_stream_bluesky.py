@@ -11,68 +11,26 @@ import h5py
 import msgpack
 import numpy as np
 import pytest
-from bluesky import RunEngine
-from bluesky.plans import list_scan
 from bluesky_kafka import Publisher
-from ophyd.sim import SynAxis, SynSignal, SynSignalWithRegistry
 
 from helpers import Log
 from sparkmpi.apps.ptycho.simulate import simulate
 from sparkmpi.apps.ptycho.solver import phase_error
+from sparkmpi.bench.stream_bluesky import run_bluesky_scan
 from sparkmpi.streaming.access import StreamAccess
 from sparkmpi.streaming.bluesky_docs import Translator, scan_id_of
 from sparkmpi.streaming.bluesky_source import BlueskySource
-from sparkmpi.streaming.broker import TansuBroker
 from sparkmpi.streaming.driver import StreamDriver, StreamSettings
 from sparkmpi.streaming.endpoints import open_sink, parse
 from sparkmpi.streaming.kafka_transport import StreamError
 from sparkmpi.streaming.protocol import MalformedRecord
 
 SETTINGS = StreamSettings(batch_interval=0.5, iterations_per_batch=5, final_iterations=60)
-UNITS_PER_PIXEL = 0.01  # mm of motor travel per object pixel
-
-
-@pytest.fixture(scope="module")
-def broker():
-    with TansuBroker() as running:
-        yield running
 
 
 @pytest.fixture(scope="module")
 def scan():
     return simulate(48, 64)
-
-
-def sparkmpi_md(scan, **extra) -> dict:
-    probe = np.stack([scan.probe.real, scan.probe.imag], axis=-1).tolist()
-    geometry = {
-        "energy_ev": scan.energy_ev,
-        "distance_m": scan.distance_m,
-        "pixel_size_m": scan.pixel_size_m,
-    }
-    md = {
-        "app": "ptycho",
-        "position_fields": ["sy", "sx"],
-        "units_per_pixel": UNITS_PER_PIXEL,
-        "geometry": geometry,
-        "probe": probe,
-    }
-    return {"sparkmpi": {**md, **extra}}
-
-
-def beamline(scan, files=None):
-    """Motors sy, sx and a detector ``img`` whose image is the simulated pattern at the
-    motors' position (inline, or in NPY_SEQ files under ``files``)."""
-    sy, sx = SynAxis(name="sy"), SynAxis(name="sx")
-    planned = scan.positions * UNITS_PER_PIXEL
-
-    def pattern():
-        here = np.array([sy.position, sx.position])
-        return scan.intensities[int(np.argmin(np.abs(planned - here).sum(axis=1)))]
-
-    if files is None:
-        return sy, sx, SynSignal(func=pattern, name="img")
-    return sy, sx, SynSignalWithRegistry(func=pattern, name="img", save_path=str(files))
 
 
 def publisher(broker, topic: str) -> Publisher:
@@ -87,17 +45,6 @@ def publisher(broker, topic: str) -> Publisher:
         flush_on_stop_doc=True,
         serializer=serialize,
     )
-
-
-def run_plan(scan, publish, files=None) -> str:
-    """Runs a list_scan over the simulated positions, documents to ``publish``; the start uid."""
-    sy, sx, det = beamline(scan, files)
-    planned = scan.positions * UNITS_PER_PIXEL
-    engine = RunEngine({}, context_managers=[])
-    engine.subscribe(publish)
-    plan = list_scan([det], sy, list(planned[:, 0]), sx, list(planned[:, 1]), md=sparkmpi_md(scan))
-    (uid,) = engine(plan)
-    return uid
 
 
 def reconstruct(spark, broker, topic, tmp_path, produce):
@@ -131,7 +78,11 @@ def test_a_bluesky_run_with_inline_images_is_reconstructed(spark, broker, scan, 
     pub = publisher(broker, "bluesky-inline")
     uid = {}
     summary, log = reconstruct(
-        spark, broker, "bluesky-inline", tmp_path, lambda: uid.update(uid=run_plan(scan, pub))
+        spark,
+        broker,
+        "bluesky-inline",
+        tmp_path,
+        lambda: uid.update(uid=run_bluesky_scan(scan, pub)),
     )
     check_reconstruction(summary, log, scan)
     assert summary["scan_id"] == scan_id_of(uid["uid"]) and summary["malformed"] == 0
@@ -170,7 +121,11 @@ def test_npy_files_and_wrong_documents_are_skipped_with_a_reason(spark, broker, 
     files = tmp_path / "files"
     files.mkdir()
     summary, log = reconstruct(
-        spark, broker, "bluesky-files", tmp_path, lambda: run_plan(scan, saboteur, files)
+        spark,
+        broker,
+        "bluesky-files",
+        tmp_path,
+        lambda: run_bluesky_scan(scan, saboteur, files=files),
     )
     check_reconstruction(summary, log, scan)
     assert summary["malformed"] == 3 and summary["dropped_duplicates"] == 0
@@ -186,7 +141,7 @@ def test_npy_files_and_wrong_documents_are_skipped_with_a_reason(spark, broker, 
 
 def test_a_driver_stopped_mid_run_is_resumed_by_the_next(spark, broker, scan, tmp_path):
     topic, docs = "bluesky-resume", []
-    run_plan(scan, lambda name, doc: docs.append((name, doc)))  # the run, before publishing
+    run_bluesky_scan(scan, lambda name, doc: docs.append((name, doc)))  # the run, before publishing
     first_half = next(i for i, (name, doc) in enumerate(docs) if doc.get("seq_num") == 25)
     url, out, log = f"bluesky+kafka://{broker.bootstrap}/{topic}", tmp_path / "out", Log()
     pub = publisher(broker, topic)
@@ -218,7 +173,7 @@ def test_a_restarted_source_resumes_inside_a_run_and_skips_finished_ones(broker,
     topic = "bluesky-restart"
     first = BlueskySource(broker.bootstrap, topic, log=Log())
     pub = publisher(broker, topic)
-    uid = run_plan(scan, pub)
+    uid = run_bluesky_scan(scan, pub)
     started = first.wait_for_scan(60)
     assert started.scan_id == scan_id_of(uid) and started.frames == 48
     deadline = time.monotonic() + 60
@@ -237,7 +192,7 @@ def test_a_restarted_source_resumes_inside_a_run_and_skips_finished_ones(broker,
     second.advance({}, rest)
     second.finished(started.scan_id)
     second.close()
-    later = run_plan(scan, pub)
+    later = run_bluesky_scan(scan, pub)
     third = BlueskySource(broker.bootstrap, topic, log=Log())
     try:
         assert third.wait_for_scan(60).scan_id == scan_id_of(later)

@@ -34,12 +34,6 @@ def send_frames(sink, scan, scan_id: str, indices) -> None:
 
 
 @pytest.fixture(scope="module")
-def broker():
-    with TansuBroker() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def scan():
     return simulate(96, 64)
 

@@ -65,16 +65,20 @@ def sparkmpi_metadata(scan, units_per_pixel: float = UNITS_PER_PIXEL) -> dict:
 
 
 def run_bluesky_scan(
-    scan, publish: Callable[[str, dict], None], units_per_pixel: float = UNITS_PER_PIXEL
+    scan,
+    publish: Callable[[str, dict], None],
+    units_per_pixel: float = UNITS_PER_PIXEL,
+    files: str | os.PathLike | None = None,
 ) -> str:
     """Runs a real RunEngine ``list_scan`` of ophyd.sim motors ``sy``, ``sx`` over ``scan``'s
-    positions (times ``units_per_pixel``) with a detector ``img`` whose inline image is the frame
-    at the motors' position (event ``seq_num`` i+1 carries frame i); every document goes to
-    ``publish``. Returns the start document's uid."""
+    positions (times ``units_per_pixel``) with a detector ``img`` whose image is the frame at
+    the motors' position (event ``seq_num`` i+1 carries frame i): inline, or with ``files`` in
+    the NPY_SEQ files ophyd writes there. Every document goes to ``publish``. Returns the start
+    document's uid."""
     import numpy as np
     from bluesky import RunEngine
     from bluesky.plans import list_scan
-    from ophyd.sim import SynAxis, SynSignal
+    from ophyd.sim import SynAxis, SynSignal, SynSignalWithRegistry
 
     sy, sx = SynAxis(name="sy"), SynAxis(name="sx")
     planned = scan.positions * units_per_pixel
@@ -83,7 +87,10 @@ def run_bluesky_scan(
         here = np.array([sy.position, sx.position])
         return scan.intensities[int(np.argmin(np.abs(planned - here).sum(axis=1)))]
 
-    det = SynSignal(func=image, name="img")
+    if files is None:
+        det = SynSignal(func=image, name="img")
+    else:
+        det = SynSignalWithRegistry(func=image, name="img", save_path=str(files))
     engine = RunEngine({}, context_managers=[])
     engine.subscribe(publish)
     md = {"sparkmpi": sparkmpi_metadata(scan, units_per_pixel)}
