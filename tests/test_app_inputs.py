@@ -10,8 +10,9 @@ import pytest
 from helpers import spark_mpi
 from sparkmpi.apps.ptycho.cxi import write_cxi
 from sparkmpi.apps.ptycho.simulate import simulate
-from sparkmpi.apps.tomo.io import TiltSeries, TomoInputError, read_tiff_series, write_tiff_series
+from sparkmpi.apps.tomo.io import TiltSeries, TomoInputError
 from sparkmpi.apps.tomo.phantom import tilt_angles
+from sparkmpi.apps.tomo.tiff import read_tiff_series, write_tiff_series
 from sparkmpi.apps.tomo.volume import save_orthoslices_png, write_volume
 from sparkmpi.files import InputFileError, atomic_outputs, check_output_path
 

@@ -13,7 +13,7 @@ import pytest
 
 from helpers import spark_mpi
 from sparkmpi.apps.tomo.algorithms import fbp
-from sparkmpi.apps.tomo.io import line_integrals
+from sparkmpi.apps.tomo.dxchange import line_integrals
 from sparkmpi.apps.tomo.phantom import blobs_phantom, simulate_tilt_series
 from sparkmpi.apps.tomo.streaming import TomoStream, golden_order, scan_to_stream, start_record
 from sparkmpi.deploy.ports import free_port

@@ -11,10 +11,11 @@ from helpers import compile_cuda, ptx_entries, spark_mpi
 from sparkmpi.apps.cuda import GPUUnavailable, unavailable_reason
 from sparkmpi.apps.tomo.algorithms import _kaczmarz_sweep, art, fbp, sirt
 from sparkmpi.apps.tomo.gpu import ART_SOURCE, art_layout, device_system_matrix, pixel_positions
-from sparkmpi.apps.tomo.io import TiltSeries, write_tiff_series
+from sparkmpi.apps.tomo.io import TiltSeries
 from sparkmpi.apps.tomo.phantom import blobs_phantom, simulate_tilt_series, tilt_angles
 from sparkmpi.apps.tomo.pipeline import ReconSettings, reconstruct_slab
 from sparkmpi.apps.tomo.projector import project, system_matrix
+from sparkmpi.apps.tomo.tiff import write_tiff_series
 
 NO_GPU = unavailable_reason()
 needs_gpu = pytest.mark.skipif(NO_GPU is not None, reason=f"needs a GPU: {NO_GPU}")

@@ -10,15 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sparkmpi.apps.tomo.io import (
-    TiltSeries,
-    TomoInputError,
-    read_dxchange,
-    read_series,
-    read_tiff_series,
-    write_tiff_series,
-)
+from sparkmpi.apps.tomo.dxchange import read_dxchange
+from sparkmpi.apps.tomo.io import TiltSeries, TomoInputError, read_series
 from sparkmpi.apps.tomo.parquet import decode_sinogram, read_metadata, read_parquet, write_parquet
+from sparkmpi.apps.tomo.tiff import read_tiff_series, write_tiff_series
 from sparkmpi.apps.tomo.volume import read_volume, save_orthoslices_png, write_volume
 
 TOOTH = Path(__file__).resolve().parents[2] / "shared" / "data" / "tooth.h5"

@@ -27,7 +27,7 @@ import numba
 import numpy as np
 
 from sparkmpi.apps.tomo.algorithms import backproject_columns, estimate_center, ramp_filtered
-from sparkmpi.apps.tomo.io import line_integrals
+from sparkmpi.apps.tomo.dxchange import line_integrals
 from sparkmpi.streaming.producer import replay
 from sparkmpi.streaming.protocol import MalformedRecord, ScanStart, scan_id_or_new
 
@@ -73,7 +73,8 @@ def scan_to_stream(
     its white and dark images and the rotation centre estimated from its middle row; other
     inputs give line integrals, or with ``counts`` the counts of :func:`as_counts` (what a
     detector, e.g. a Stream V2 one, sends)."""
-    from sparkmpi.apps.tomo.io import HDF5_SUFFIXES, read_dxchange_counts, read_series
+    from sparkmpi.apps.tomo.dxchange import read_dxchange_counts
+    from sparkmpi.apps.tomo.io import HDF5_SUFFIXES, read_series
     from sparkmpi.apps.tomo.phantom import blobs_phantom, simulate_tilt_series
 
     white = dark = center = None
