@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,10 +12,11 @@ import pytest
 from conftest import ARTIFACTS
 from helpers import spark_mpi
 from sparkmpi.apps.tomo.algorithms import rmse
-from sparkmpi.apps.tomo.io import TiltSeries, write_tiff_series
+from sparkmpi.apps.tomo.io import TiltSeries
 from sparkmpi.apps.tomo.parquet import write_parquet
 from sparkmpi.apps.tomo.phantom import blobs_phantom, simulate_tilt_series, tilt_angles
 from sparkmpi.apps.tomo.pipeline import ReconSettings, reconstruct
+from sparkmpi.apps.tomo.tiff import write_tiff_series
 from sparkmpi.apps.tomo.volume import read_volume
 
 TOOTH = Path(__file__).resolve().parents[2] / "shared" / "data" / "tooth.h5"
@@ -124,16 +126,22 @@ def test_ranks_write_their_slabs_into_one_volume(tmp_path):
     series = TiltSeries(simulate_tilt_series(blobs_phantom((10, 24, 24), 6), angles), angles)
     tif = tmp_path / "s.tif"
     write_tiff_series(tif, series)
-    stored, gathered = tmp_path / "v.h5", tmp_path / "v.npy"
-    for out in (stored, gathered):
-        done = spark_mpi("tomo", "reconstruct", str(tif), str(out), "--algorithm", "fbp")
+    stored, gathered, by_tasks = tmp_path / "v.h5", tmp_path / "v.npy", tmp_path / "t.h5"
+    for out, engine in ((stored, "mpi"), (gathered, "mpi"), (by_tasks, "spark")):
+        done = spark_mpi(
+            "tomo", "reconstruct", str(tif), str(out), "--algorithm", "fbp", "--engine", engine
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     with h5py.File(stored) as f:
         assert f["volume"].is_virtual and f["volume"].shape == (10, 24, 24)
         store = f["volume"][()]
+        record = json.loads(f["volume"].attrs["metadata"])
+    assert record["driver_peak_rss_mib"] > 0 and record["rank_peak_rss_mib"] > 0
     slabs = sorted(p.name for p in (tmp_path / "v.slabs").iterdir())
     assert slabs == ["slab-000000.h5", "slab-000005.h5"]  # one per rank, nothing else
     np.testing.assert_array_equal(store, np.load(gathered))
+    with h5py.File(by_tasks) as f:  # plain Spark tasks write the same slabs
+        np.testing.assert_array_equal(f["volume"][()], store)
     assert load(str(stored)).volume.shape == (10, 24, 24)  # spark-mpi view reads it
     moved = tmp_path / "moved"
     moved.mkdir()
@@ -141,3 +149,69 @@ def test_ranks_write_their_slabs_into_one_volume(tmp_path):
         shutil.move(tmp_path / name, moved / name)
     with h5py.File(moved / "v.h5") as f:  # slab paths are relative: the pair moves together
         np.testing.assert_array_equal(f["volume"][()], store)
+
+
+def test_fbp_streams_a_partition_through_its_slab_a_chunk_at_a_time(tmp_path, monkeypatch):
+    import h5py
+
+    from sparkmpi.apps.tomo import pipeline
+    from sparkmpi.apps.tomo.algorithms import fbp
+    from sparkmpi.apps.tomo.parquet import _FLOAT32_LE
+    from sparkmpi.apps.tomo.phantom import blobs_phantom, simulate_tilt_series
+
+    angles = np.arange(0, 180, 4.0)
+    projections = simulate_tilt_series(blobs_phantom((7, 16, 16), 4), angles)
+    meta = {"angles_deg": list(angles), "n_angles": 45, "n_rows": 7, "n_cols": 16}
+    rows = [(3 + r, projections[:, r].astype(_FLOAT32_LE).tobytes()) for r in range(7)]
+    settings = pipeline.ReconSettings("fbp")
+    per_slice = 4 * (45 * 16 + 2 * 16 * 16)
+    monkeypatch.setattr(pipeline, "CHUNK_BYTES", 3 * per_slice)
+    assert pipeline.chunk_slices(meta, settings) == 3
+    assert pipeline.chunk_slices(meta, pipeline.ReconSettings("art")) is None  # whole slab
+    chunks = []
+    written = pipeline.reconstruct_partition(
+        meta, settings, str(tmp_path), rows, progress=lambda *_: chunks.append(1)
+    )
+    assert written == (3, 7)
+    with h5py.File(tmp_path / "slab-000003.h5") as f:
+        slab = f["volume"][()]
+    expected = fbp(np.ascontiguousarray(projections.transpose(1, 0, 2)), angles, 16)
+    np.testing.assert_allclose(slab, expected, rtol=1e-5, atol=1e-6)
+    assert pipeline.reconstruct_partition(meta, settings, str(tmp_path), []) is None
+    with pytest.raises(RuntimeError, match="slice 6 follows slice 4"):
+        pipeline.reconstruct_partition(meta, settings, str(tmp_path), rows[:2] + rows[3:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slab-000003.h5"]  # no half slab
+
+
+@pytest.mark.parametrize("kind", ["tiff", "deflate-tiff", "dxchange"])
+def test_spark_tasks_convert_a_file_to_parquet_parts(spark, tmp_path, kind):
+    import h5py
+    import tifffile
+
+    from sparkmpi.apps.tomo.io import read_series
+    from sparkmpi.apps.tomo.parquet import convert_to_parquet, read_parquet
+
+    rng = np.random.default_rng(3)
+    angles = np.linspace(-60, 60, 9)
+    if kind == "dxchange":
+        source = tmp_path / "scan.h5"
+        with h5py.File(source, "w") as f:
+            f["/exchange/data"] = rng.integers(100, 900, (9, 11, 6), dtype=np.uint16)
+            f["/exchange/data_white"] = np.full((2, 11, 6), 1000, np.uint16)
+            f["/exchange/data_dark"] = np.zeros((11, 6), np.uint16)
+            f["/exchange/theta"] = angles
+    else:
+        source = tmp_path / "tilt.tif"
+        compression = "deflate" if kind == "deflate-tiff" else None
+        tifffile.imwrite(source, rng.random((9, 11, 6), np.float32), compression=compression)
+        source.with_suffix(".rawtlt").write_text("\n".join(map(str, angles)))
+    output = tmp_path / "out.parquet"
+    output.mkdir()  # an older conversion: replaced whole
+    (output / "part-stale.parquet").write_text("old")
+    meta = convert_to_parquet(spark, source, output, partitions=3)
+    assert meta["n_rows"] == 11 and meta["angles_deg"] == list(angles)
+    parts = sorted(p.name for p in output.iterdir())
+    assert parts == ["part-000000.parquet", "part-000004.parquet", "part-000007.parquet"]
+    whole = read_series(source)
+    np.testing.assert_array_equal(read_parquet(output).projections, whole.projections)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -18,8 +18,9 @@ def _parse_angles(text: str | None):
 def cmd_simulate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from sparkmpi.apps.tomo.io import TiltSeries, write_tiff_series
+    from sparkmpi.apps.tomo.io import TiltSeries
     from sparkmpi.apps.tomo.phantom import blobs_phantom, simulate_tilt_series, tilt_angles
+    from sparkmpi.apps.tomo.tiff import write_tiff_series
     from sparkmpi.apps.tomo.volume import write_volume
 
     n = args.size
@@ -42,20 +43,31 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_to_parquet(args: argparse.Namespace) -> int:
-    from sparkmpi.apps.tomo.io import read_series
-    from sparkmpi.apps.tomo.parquet import write_parquet
+    from sparkmpi.apps.tomo.io import inspect_series
+    from sparkmpi.apps.tomo.parquet import convert_to_parquet
+    from sparkmpi.files import check_output_path
+    from sparkmpi.runner.context import spark_session
 
-    series = read_series(args.input, _parse_angles(args.angles))
-    write_parquet(series, args.output)
-    n_angles, n_rows, n_cols = series.projections.shape
-    print(f"wrote {args.output}: {n_rows} slices, each a sinogram of {n_angles} x {n_cols}")
+    inspect_series(args.input, _parse_angles(args.angles))  # bad input: one line, no Spark
+    check_output_path(args.output)
+    spark = spark_session(args.master, cores=args.partitions, app_name="spark-mpi tomo")
+    try:
+        meta = convert_to_parquet(
+            spark, args.input, args.output, _parse_angles(args.angles), args.partitions
+        )
+    finally:
+        spark.stop()
+    print(
+        f"wrote {args.output}: {meta['n_rows']} slices, each a sinogram of "
+        f"{meta['n_angles']} x {meta['n_cols']}"
+    )
     return 0
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from sparkmpi.apps.cuda import check_before_launch
-    from sparkmpi.apps.tomo.io import read_series
-    from sparkmpi.apps.tomo.parquet import write_parquet
+    from sparkmpi.apps.tomo.io import inspect_series
+    from sparkmpi.apps.tomo.parquet import convert_to_parquet
     from sparkmpi.apps.tomo.pipeline import ReconSettings, reconstruct, reconstruct_to_store
     from sparkmpi.apps.tomo.volume import FORMATS, save_orthoslices_png, write_volume
     from sparkmpi.files import atomic_outputs, check_output_path
@@ -79,20 +91,27 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     png = Path(args.png) if args.png else Path(args.output).with_suffix(".png")
     check_output_path(args.output), check_output_path(png)  # before any work
     check_before_launch(settings.backend, args.master)
+    parquet = Path(args.input)
+    if not _is_parquet(parquet):
+        inspect_series(parquet, _parse_angles(args.angles))  # bad input: one line, no Spark
+    store = Path(args.output).suffix.lower() in (".h5", ".hdf5")
     with tempfile.TemporaryDirectory(prefix="spark-mpi-tomo-") as tmp:
-        parquet = Path(args.input)
-        if parquet.suffix != ".parquet":
-            series = read_series(args.input, _parse_angles(args.angles))
-            parquet = Path(tmp) / (Path(args.input).stem + ".parquet")
-            write_parquet(series, parquet)
         spark = spark_session(args.master, cores=args.ranks, app_name="spark-mpi tomo")
-        store = Path(args.output).suffix.lower() in (".h5", ".hdf5") and args.engine == "mpi"
         try:
+            if not _is_parquet(parquet):  # converted by Spark tasks, a range of rows each
+                parquet = Path(tmp) / (Path(args.input).stem + ".parquet")
+                convert_to_parquet(spark, args.input, parquet, _parse_angles(args.angles))
             iterations = 1 if settings.algorithm == "fbp" else settings.iterations
             with IterationProgress(settings.algorithm.upper(), iterations) as progress:
                 if store:  # the ranks write their slabs: the volume never comes here
                     record = reconstruct_to_store(
-                        spark, parquet, args.output, settings, ranks=args.ranks, output=progress
+                        spark,
+                        parquet,
+                        args.output,
+                        settings,
+                        ranks=args.ranks,
+                        engine=args.engine,
+                        output=progress,
                     )
                 else:
                     volume, record = reconstruct(
@@ -117,6 +136,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         f"({record['engine']}, {record['ranks']} ranks)"
     )
     return 0
+
+
+def _is_parquet(path: Path) -> bool:
+    return path.suffix == ".parquet"
 
 
 def _store_png(volume_path, png: Path, title: str) -> None:
@@ -151,10 +174,16 @@ def add_commands(sub) -> None:
     sim.add_argument("--phantom", help="also write the phantom volume here (.npy/.h5/.vti/.tif)")
     sim.set_defaults(func=cmd_simulate)
 
-    conv = tomo_sub.add_parser("to-parquet", help="TIFF or Data Exchange HDF5 → Parquet")
+    conv = tomo_sub.add_parser(
+        "to-parquet", help="TIFF or Data Exchange HDF5 → Parquet directory, on Spark tasks"
+    )
     conv.add_argument("input")
     conv.add_argument("output")
     conv.add_argument("--angles", help="tilt angles in degrees, comma separated")
+    conv.add_argument(
+        "--partitions", type=int, default=2, help="Spark tasks, each a range of rows (2)"
+    )
+    conv.add_argument("--master", help="Spark master URL (default local[PARTITIONS])")
     conv.set_defaults(func=cmd_to_parquet)
 
     rec = tomo_sub.add_parser("reconstruct", help="reconstruct a volume on Spark")

@@ -1,4 +1,5 @@
-"""The Parquet stage: one row per detector row (slice), holding that slice's sinogram.
+"""The Parquet stage: one row per detector row (slice), holding that slice's sinogram; a file
+or a directory of part files, converted from TIFF/HDF5 by Spark tasks.
 
 Columns: ``slice`` (int32) and ``sinogram`` (binary, the little-endian float32 bytes of an
 (n_angles, n_cols) array). The schema metadata key ``sparkmpi.tomo`` holds JSON with
@@ -7,14 +8,24 @@ Columns: ``slice`` (int32) and ``sinogram`` (binary, the little-endian float32 b
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import shutil
+import uuid
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from sparkmpi.apps.tomo.io import TiltSeries, TomoInputError
-from sparkmpi.files import atomic_output, reason
+from sparkmpi.apps.tomo.io import (
+    SeriesLayout,
+    TiltSeries,
+    TomoInputError,
+    inspect_series,
+    read_rows,
+)
+from sparkmpi.files import atomic_output, fsync_path, reason
 
 METADATA_KEY = b"sparkmpi.tomo"
 MAX_ROWS_PER_GROUP = 16
@@ -31,35 +42,94 @@ def _schema(meta: dict):
     )
 
 
-def write_parquet(series: TiltSeries, path: str | os.PathLike) -> None:
-    """Writes ``series`` atomically as one Parquet file with one row per slice, in slice order.
-
-    Row groups hold at most 16 slices (fewer when that would exceed ~64 MB) so that Spark can
-    split the file across tasks.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    n_angles, n_rows, n_cols = series.projections.shape
-    meta = {
-        "angles_deg": [float(a) for a in series.angles_deg],
+def _metadata(shape: tuple[int, int, int], angles_deg, source: str) -> dict:
+    n_angles, n_rows, n_cols = shape
+    return {
+        "angles_deg": [float(a) for a in angles_deg],
         "n_angles": int(n_angles),
         "n_rows": int(n_rows),
         "n_cols": int(n_cols),
-        "source": str(series.source),
+        "source": str(source),
     }
+
+
+def _write_rows(path: str | os.PathLike, meta: dict, first: int, projections: np.ndarray) -> int:
+    """Writes the slices ``first`` .. of ``projections`` (n_angles, rows, n_cols) atomically as
+    one Parquet file, in row groups of at most 16 slices (fewer when that would exceed ~64 MB)
+    so that Spark can split it across tasks; returns the number of slices."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n_angles, n_rows, n_cols = projections.shape
     schema = _schema(meta)
     row_bytes = n_angles * n_cols * _FLOAT32_LE.itemsize
     per_group = max(1, min(MAX_ROWS_PER_GROUP, MAX_GROUP_BYTES // max(row_bytes, 1)))
     with atomic_output(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for start in range(0, n_rows, per_group):
             rows = range(start, min(start + per_group, n_rows))
-            sinograms = [series.sinogram(r).astype(_FLOAT32_LE, copy=False).tobytes() for r in rows]
+            sinograms = [projections[:, r, :].astype(_FLOAT32_LE).tobytes() for r in rows]
             table = pa.Table.from_arrays(
-                [pa.array(list(rows), pa.int32()), pa.array(sinograms, pa.binary())],
+                [pa.array([first + r for r in rows], pa.int32()), pa.array(sinograms, pa.binary())],
                 schema=schema,
             )
             writer.write_table(table, row_group_size=per_group)
+    return n_rows
+
+
+def write_parquet(series: TiltSeries, path: str | os.PathLike) -> None:
+    """Writes ``series`` atomically as one Parquet file with one row per slice, in slice order,
+    from this process (small series; :func:`convert_to_parquet` converts files on Spark)."""
+    meta = _metadata(series.projections.shape, series.angles_deg, series.source)
+    _write_rows(path, meta, 0, series.projections)
+
+
+def _convert_range(layout: SeriesLayout, meta: dict, staging: str, rows: tuple[int, int]) -> int:
+    first, stop = rows
+    projections = read_rows(layout, first, stop)
+    return _write_rows(Path(staging) / f"part-{first:06d}.parquet", meta, first, projections)
+
+
+def convert_to_parquet(
+    spark,
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    angles_deg=None,
+    partitions: int | None = None,
+) -> dict:
+    """Converts a TIFF stack or Data Exchange scan into the Parquet directory ``output`` (one
+    part file per range of detector rows) with Spark tasks: this process reads only the file's
+    headers (:func:`~sparkmpi.apps.tomo.io.inspect_series`, which checks them) and plans the
+    ranges; each task reads its rows where it runs and writes its part. Ranges are at least
+    ``partitions`` (default: Spark's parallelism) and at most ~64 MB of projections each.
+    All or nothing: parts go to a staging directory that replaces ``output`` at the end.
+    Returns the metadata."""
+    layout = inspect_series(source, angles_deg)
+    meta = _metadata(layout.shape, layout.angles_deg, layout.source)
+    n_angles, n_rows, n_cols = layout.shape
+    sc = spark.sparkContext
+    row_bytes = n_angles * n_cols * _FLOAT32_LE.itemsize
+    count = max(partitions or sc.defaultParallelism, -(-n_rows * row_bytes // MAX_GROUP_BYTES))
+    bounds = np.linspace(0, n_rows, min(count, n_rows) + 1).round().astype(int)
+    ranges = [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        convert = partial(_convert_range, layout, meta, str(staging))
+        written = sc.parallelize(ranges, len(ranges)).map(convert).collect()
+        if sum(written) != n_rows:
+            raise RuntimeError(f"{source}: wrote {sum(written)} of {n_rows} slices")
+        if output.is_dir():
+            shutil.rmtree(output)
+        elif output.exists():
+            output.unlink()
+        os.replace(staging, output)
+        fsync_path(output.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return meta
 
 
 def _parquet_file(path: Path) -> Path:

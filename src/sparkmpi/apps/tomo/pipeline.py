@@ -10,6 +10,7 @@ each rank reconstructs on its GPU (:func:`sparkmpi.apps.cuda.use_rank_device`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -23,10 +24,13 @@ from sparkmpi.apps.tomo import volume_store
 from sparkmpi.apps.tomo.algorithms import BACKENDS, art, estimate_center, fbp, sirt
 from sparkmpi.apps.tomo.parquet import check_slices, decode_sinogram, read_metadata
 from sparkmpi.apps.tomo.projector import system_matrix
+from sparkmpi.apps.tomo.volume_store import SlabWriter
+from sparkmpi.memory import peak_rss_mib, reset_peak_rss
 
 log = logging.getLogger(__name__)
 ALGORITHMS = ("art", "sirt", "fbp")
 ENGINES = ("mpi", "spark")
+CHUNK_BYTES = 64 << 20  # FBP's working set per chunk of slices
 
 
 FILTERS = ("ramlak", "shepp-logan", "hann")
@@ -119,11 +123,75 @@ def _slab(meta: dict, rows) -> tuple[np.ndarray, np.ndarray]:
     return index, sinos
 
 
+def chunk_slices(meta: dict, settings: ReconSettings) -> int | None:
+    """How many slices FBP reconstructs at a time (their sinograms and slices within
+    :data:`CHUNK_BYTES`); None for ART and SIRT, which reconstruct a whole slab at once."""
+    if settings.algorithm != "fbp":
+        return None
+    n = meta["n_cols"] // settings.binning
+    per_slice = 4 * (meta["n_angles"] * meta["n_cols"] + 2 * n * n)  # sinogram, slice, kernel's
+    return max(1, CHUNK_BYTES // per_slice)
+
+
+def _runs(meta: dict, rows, limit: int | None):
+    """(first slice, sinograms) of ``limit`` consecutive slices at a time, from ``rows``
+    sorted by slice; a gap raises RuntimeError (a partition holds one contiguous slab)."""
+
+    def decoded(blobs: list) -> np.ndarray:
+        return np.stack([decode_sinogram(b, meta["n_angles"], meta["n_cols"]) for b in blobs])
+
+    first, blobs = 0, []
+    for number, blob in rows:
+        if blobs and int(number) != first + len(blobs):
+            raise RuntimeError(f"slice {number} follows slice {first + len(blobs) - 1}")
+        if not blobs:
+            first = int(number)
+        blobs.append(blob)
+        if len(blobs) == limit:
+            yield first, decoded(blobs)
+            blobs = []
+    if blobs:
+        yield first, decoded(blobs)
+
+
+def reconstruct_partition(
+    meta: dict, settings: ReconSettings, staging: str, rows, progress=None
+) -> tuple[int, int] | None:
+    """Reconstructs one partition's contiguous slices (``rows`` sorted by slice) into its slab
+    file in ``staging``, a chunk at a time for FBP; (first, count) of the slab, or None when the
+    partition is empty. Memory: one chunk for FBP, the slab for ART and SIRT."""
+    angles = np.asarray(meta["angles_deg"])
+    with contextlib.ExitStack() as stack:
+        writer = None
+        for first, sinograms in _runs(meta, rows, chunk_slices(meta, settings)):
+            slices = reconstruct_slab(sinograms, angles, settings, progress)
+            if writer is None:
+                writer = stack.enter_context(SlabWriter(staging, first, slices.shape[1:]))
+            writer.append(slices)
+            del sinograms, slices
+        return writer.close() if writer is not None else None
+
+
 def _spark_partition(meta: dict, settings: ReconSettings, rows):
     index, sinos = _slab(meta, rows)
     if len(index):
         volume = reconstruct_slab(sinos, np.asarray(meta["angles_deg"]), settings)
         yield from zip(index.tolist(), volume, strict=True)
+
+
+def _spark_partition_to_store(meta: dict, settings: ReconSettings, staging: str, rows):
+    reset_peak_rss()
+    written = reconstruct_partition(meta, settings, staging, rows)
+    yield written, peak_rss_mib()
+
+
+def _iteration_printer(comm, start: float):
+    def progress(iteration: int, iterations: int) -> None:
+        if comm.rank == 0:
+            elapsed = time.perf_counter() - start
+            print(f"iteration {iteration + 1}/{iterations} ({elapsed:.2f} s)", flush=True)
+
+    return progress
 
 
 def _mpi_rank(meta: dict, settings: ReconSettings, comm, rows):
@@ -133,13 +201,7 @@ def _mpi_rank(meta: dict, settings: ReconSettings, comm, rows):
     index, sinos = _slab(meta, rows)
     angles = np.asarray(meta["angles_deg"])
     start = time.perf_counter()
-
-    def progress(iteration: int, iterations: int) -> None:
-        if comm.rank == 0:
-            elapsed = time.perf_counter() - start
-            print(f"iteration {iteration + 1}/{iterations} ({elapsed:.2f} s)", flush=True)
-
-    volume = reconstruct_slab(sinos, angles, settings, progress)
+    volume = reconstruct_slab(sinos, angles, settings, _iteration_printer(comm, start))
     seconds = comm.allreduce(time.perf_counter() - start, op=_mpi_max())
     slabs = comm.gather((index, volume), root=0)
     if comm.rank == 0:
@@ -159,9 +221,10 @@ def _mpi_max():
 
 
 def slice_rdd(spark, parquet: str | Path, partitions: int):
-    """(slice, sinogram bytes) rows of ``parquet`` in ``partitions`` contiguous slabs."""
+    """(slice, sinogram bytes) rows of ``parquet`` in ``partitions`` contiguous slabs, each
+    sorted by slice; read by the executors, never by the driver."""
     df = spark.read.parquet(str(parquet)).select("slice", "sinogram")
-    return df.repartitionByRange(partitions, "slice").rdd.map(tuple)
+    return df.repartitionByRange(partitions, "slice").sortWithinPartitions("slice").rdd.map(tuple)
 
 
 def _plan(spark, parquet, settings: ReconSettings, ranks: int):
@@ -229,23 +292,20 @@ def reconstruct(
 
 
 def _mpi_rank_to_store(meta: dict, settings: ReconSettings, staging: str, comm, rows):
-    """One rank: reconstruct its slab and write it into ``staging``; rank 0 yields the slabs
-    written (first slice, count) and the slowest rank's seconds."""
+    """One rank: reconstruct its slab into ``staging``; rank 0 yields the slabs written
+    (first slice, count), the slowest rank's seconds and the largest rank peak RSS."""
+    reset_peak_rss()
     if settings.backend == "cupy":
         use_rank_device(comm)
-    index, sinos = _slab(meta, rows)
     start = time.perf_counter()
-    written = None
-    if len(index):
-        if not np.array_equal(index, np.arange(index[0], index[0] + len(index))):
-            raise RuntimeError(f"rank {comm.rank}: slices {index[0]}..{index[-1]} have gaps")
-        volume = reconstruct_slab(sinos, np.asarray(meta["angles_deg"]), settings)
-        written = volume_store.write_slab(staging, int(index[0]), volume)
+    progress = _iteration_printer(comm, start)
+    written = reconstruct_partition(meta, settings, staging, rows, progress)
     seconds = comm.allreduce(time.perf_counter() - start, op=_mpi_max())
+    peak = comm.allreduce(peak_rss_mib(), op=_mpi_max())
     slabs = comm.gather(written, root=0)
     if comm.rank == 0:
         print(f"{settings.algorithm}: slabs written on {comm.size} ranks in {seconds:.2f} s")
-        yield [s for s in slabs if s is not None], seconds
+        yield [s for s in slabs if s is not None], seconds, peak
 
 
 def reconstruct_to_store(
@@ -255,24 +315,41 @@ def reconstruct_to_store(
     settings: ReconSettings = ReconSettings(),
     *,
     ranks: int = 2,
+    engine: str = "mpi",
     output=None,
 ) -> dict:
-    """Reconstructs a Parquet tilt series on MPI ranks that each write their slab into the
-    volume store ``path`` (:mod:`.volume_store`: an HDF5 virtual dataset over per-slab files);
-    the volume never passes through this process. Returns the record of the run (also stored
-    with the volume); on failure nothing is left."""
+    """Reconstructs a Parquet tilt series into the volume store ``path``
+    (:mod:`.volume_store`: an HDF5 virtual dataset over per-slab files). Each of ``ranks``
+    partitions (MPI ranks, or plain Spark tasks with ``engine="spark"``) reads its contiguous
+    slices where it runs and writes its slab, FBP a chunk at a time, so neither the tilt series
+    nor the volume passes through this process. Returns the record of the run (also stored
+    with the volume), with this process's and the largest rank's peak RSS; on failure nothing
+    is left."""
     from sparkmpi import run_mpi
     from sparkmpi.runner.hub import print_prefixed
 
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     meta, settings, rdd = _plan(spark, parquet, settings, ranks)
     staging = volume_store.staging_dir(path)
     start = time.perf_counter()
     try:
-        fn = partial(_mpi_rank_to_store, meta, settings, str(staging))
-        ((slabs, compute_s),) = run_mpi(rdd, fn, output=output or print_prefixed).collect()
+        if engine == "spark":
+            done = rdd.mapPartitions(
+                partial(_spark_partition_to_store, meta, settings, str(staging))
+            ).collect()
+            slabs = [s for s, _ in done if s is not None]
+            compute_s, rank_peak = None, max(peak for _, peak in done)
+        else:
+            fn = partial(_mpi_rank_to_store, meta, settings, str(staging))
+            ((slabs, compute_s, rank_peak),) = run_mpi(
+                rdd, fn, output=output or print_prefixed
+            ).collect()
         n = meta["n_cols"] // settings.binning
         nz = sum(count for _, count in slabs)
-        record = _record(meta, parquet, settings, "mpi", ranks, (nz, n, n), start, compute_s)
+        record = _record(meta, parquet, settings, engine, ranks, (nz, n, n), start, compute_s)
+        record["rank_peak_rss_mib"] = rank_peak
+        record["driver_peak_rss_mib"] = peak_rss_mib()
         volume_store.publish(path, staging, slabs, (n, n), metadata=record)
     except BaseException:
         volume_store.discard(staging)

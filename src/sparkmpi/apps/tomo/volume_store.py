@@ -43,15 +43,42 @@ def staging_dir(path: str | os.PathLike) -> Path:
     return staging
 
 
-def write_slab(staging: str | os.PathLike, first: int, slab: np.ndarray) -> tuple[int, int]:
-    """Writes one rank's slices ``first`` .. ``first + len(slab) - 1`` (atomically, durably);
-    returns (first, count)."""
-    import h5py
+class SlabWriter:
+    """One rank's slab, written chunk by chunk so the rank never holds more than a chunk:
+    ``append`` adds the next slices (``first``, ``first + 1``, ... in order) and ``close``
+    makes the slab file appear whole (atomically, durably) and returns (first, count). Leaving
+    a ``with`` block on an exception leaves no file."""
 
-    path = Path(staging) / f"slab-{first:06d}.h5"
-    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset(DATASET, data=np.asarray(slab, dtype=np.float32))
-    return first, len(slab)
+    def __init__(self, staging: str | os.PathLike, first: int, shape: tuple[int, int]) -> None:
+        import h5py
+
+        self.first, self.count = first, 0
+        self._output = atomic_output(Path(staging) / f"slab-{first:06d}.h5")
+        tmp = self._output.__enter__()
+        self._file = h5py.File(tmp, "w")
+        self._dataset = self._file.create_dataset(
+            DATASET, shape=(0, *shape), maxshape=(None, *shape), chunks=(1, *shape), dtype="f4"
+        )
+
+    def append(self, slices: np.ndarray) -> None:
+        slices = np.asarray(slices, dtype=np.float32)
+        start = self.count
+        self.count += len(slices)
+        self._dataset.resize(self.count, axis=0)
+        self._dataset[start:] = slices
+
+    def close(self) -> tuple[int, int]:
+        self._file.close()
+        self._output.__exit__(None, None, None)
+        return self.first, self.count
+
+    def __enter__(self) -> SlabWriter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            self._file.close()
+            self._output.__exit__(kind, value, traceback)
 
 
 def publish(
