@@ -148,6 +148,25 @@ def test_bench_tomo_small(tmp_path):
     assert data["textbook_iteration_s"] > 0 and all(v > 0 for v in data["art_iteration_s"].values())
 
 
+def test_bench_tomo_scale_small(tmp_path):
+    _, data = run_bench(
+        tmp_path,
+        "tomo",
+        "--scale",
+        "--sizes",
+        "48",
+        "--projections",
+        "60",
+        "--library-slices",
+        "2",
+    )
+    (size,) = data["sizes"]
+    assert size["n"] == 48 and size["library"].startswith("ASTRA")
+    assert size["ours"]["driver_peak_rss_mib"] > 0 and size["ours"]["rank_peak_rss_mib"] > 0
+    for kernel in ("strip", "linear"):
+        assert size[f"library_{kernel}"]["relative_rms_vs_ours"] < 0.2  # the same blobs
+
+
 @pytest.mark.timeout(300)
 def test_tomo_reconstruct_on_the_standalone_cluster(cluster, tmp_path):
     from sparkmpi.apps.tomo.volume import read_volume

@@ -161,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     tomo.add_argument("--workers", default="1,2", help="comma-separated worker counts (1,2)")
     tomo.add_argument("--iterations", type=int, default=3, help="ART iterations timed (3)")
     tomo.add_argument("--textbook-slices", type=int, default=2, help="slices of the slow loop")
+    tomo.add_argument(
+        "--scale", action="store_true", help="instead: FBP end to end at --sizes vs ASTRA"
+    )
+    tomo.add_argument("--sizes", default="256,512", help="with --scale: volume edges (256,512)")
+    tomo.add_argument("--projections", type=int, default=360, help="with --scale (360)")
+    tomo.add_argument("--ranks", type=int, default=2, help="with --scale: MPI ranks (2)")
+    tomo.add_argument(
+        "--library-slices", type=int, default=8, help="with --scale: slices the library times"
+    )
     _bench_outputs(tomo, "tomo")
     ptycho = bench_sub.add_parser("ptycho", help="ptychography solver: 1 and 2 ranks vs FFT bound")
     ptycho.add_argument("--frames", type=int, default=512, help="diffraction frames (512)")

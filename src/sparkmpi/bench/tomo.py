@@ -56,6 +56,10 @@ def _sparse_row_sweep(sinogram: np.ndarray, A, norms: np.ndarray, beta: float) -
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.scale:
+        from sparkmpi.bench import tomo_scale
+
+        return tomo_scale.main(args)
     from sparkmpi import run_mpi
     from sparkmpi.apps.tomo.algorithms import art, art_textbook
     from sparkmpi.apps.tomo.phantom import blobs_phantom, tilt_angles

@@ -29,6 +29,7 @@ from sparkmpi.apps.tomo.projector import row_norms_sq
 
 Progress = Callable[[int, int], None] | None
 BACKENDS = ("cpu", "cupy")
+_TILE = 32  # voxel columns per tile edge in backproject_columns
 
 
 @dataclass(frozen=True)
@@ -298,22 +299,28 @@ def backproject_columns(filtered, cosines, sines, center, out):  # pragma: no co
     """Adds the back-projections of ``filtered`` (angles, bins, slices) to ``out`` (n, n,
     slices), with linear interpolation in the geometry of :func:`fbp`. Slices are innermost:
     in parallel-beam geometry every slice of a voxel column shares an angle's interpolation
-    weights, so they are computed once per column and angle and the slice loop vectorizes."""
+    weights, so they are computed once per column and angle and the slice loop vectorizes.
+    Voxel columns go in square tiles, all angles per tile: an angle's few bins under a tile
+    stay in cache while the tile's columns use them (twice as fast as whole rows at 512²)."""
     count, bins, slices = filtered.shape
     n = out.shape[0]
     half = (n - 1) / 2
-    for iy in numba.prange(n):
-        y = iy - half
-        for ix in range(n):
-            x = ix - half
-            for a in range(count):
-                t = x * cosines[a] + y * sines[a] + center
-                i0 = int(np.floor(t))
-                if i0 >= 0 and i0 + 1 < bins:
-                    right = np.float32(t - i0)
-                    left = np.float32(1.0) - right
-                    for z in range(slices):
-                        out[iy, ix, z] += filtered[a, i0, z] * left + filtered[a, i0 + 1, z] * right
+    per_row = (n + _TILE - 1) // _TILE
+    for tile in numba.prange(per_row * per_row):
+        y0, x0 = (tile // per_row) * _TILE, (tile % per_row) * _TILE
+        for a in range(count):
+            for iy in range(y0, min(y0 + _TILE, n)):
+                y = iy - half
+                for ix in range(x0, min(x0 + _TILE, n)):
+                    t = (ix - half) * cosines[a] + y * sines[a] + center
+                    i0 = int(np.floor(t))
+                    if i0 >= 0 and i0 + 1 < bins:
+                        right = np.float32(t - i0)
+                        left = np.float32(1.0) - right
+                        for z in range(slices):
+                            out[iy, ix, z] += (
+                                filtered[a, i0, z] * left + filtered[a, i0 + 1, z] * right
+                            )
 
 
 def estimate_center(sinogram: np.ndarray, angles_deg: np.ndarray, search: float = 0.25) -> float:

@@ -42,7 +42,7 @@ def _schema(meta: dict):
     )
 
 
-def _metadata(shape: tuple[int, int, int], angles_deg, source: str) -> dict:
+def tilt_metadata(shape: tuple[int, int, int], angles_deg, source: str) -> dict:
     n_angles, n_rows, n_cols = shape
     return {
         "angles_deg": [float(a) for a in angles_deg],
@@ -53,7 +53,7 @@ def _metadata(shape: tuple[int, int, int], angles_deg, source: str) -> dict:
     }
 
 
-def _write_rows(path: str | os.PathLike, meta: dict, first: int, projections: np.ndarray) -> int:
+def write_part(path: str | os.PathLike, meta: dict, first: int, projections: np.ndarray) -> int:
     """Writes the slices ``first`` .. of ``projections`` (n_angles, rows, n_cols) atomically as
     one Parquet file, in row groups of at most 16 slices (fewer when that would exceed ~64 MB)
     so that Spark can split it across tasks; returns the number of slices."""
@@ -79,14 +79,14 @@ def _write_rows(path: str | os.PathLike, meta: dict, first: int, projections: np
 def write_parquet(series: TiltSeries, path: str | os.PathLike) -> None:
     """Writes ``series`` atomically as one Parquet file with one row per slice, in slice order,
     from this process (small series; :func:`convert_to_parquet` converts files on Spark)."""
-    meta = _metadata(series.projections.shape, series.angles_deg, series.source)
-    _write_rows(path, meta, 0, series.projections)
+    meta = tilt_metadata(series.projections.shape, series.angles_deg, series.source)
+    write_part(path, meta, 0, series.projections)
 
 
 def _convert_range(layout: SeriesLayout, meta: dict, staging: str, rows: tuple[int, int]) -> int:
     first, stop = rows
     projections = read_rows(layout, first, stop)
-    return _write_rows(Path(staging) / f"part-{first:06d}.parquet", meta, first, projections)
+    return write_part(Path(staging) / f"part-{first:06d}.parquet", meta, first, projections)
 
 
 def convert_to_parquet(
@@ -104,7 +104,7 @@ def convert_to_parquet(
     All or nothing: parts go to a staging directory that replaces ``output`` at the end.
     Returns the metadata."""
     layout = inspect_series(source, angles_deg)
-    meta = _metadata(layout.shape, layout.angles_deg, layout.source)
+    meta = tilt_metadata(layout.shape, layout.angles_deg, layout.source)
     n_angles, n_rows, n_cols = layout.shape
     sc = spark.sparkContext
     row_bytes = n_angles * n_cols * _FLOAT32_LE.itemsize
