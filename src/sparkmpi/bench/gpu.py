@@ -11,7 +11,9 @@ error is against the simulated object where the illumination exceeds half its ma
 
 Tomography: one ART sweep and one SIRT iteration of the seed's case (``--tomo-size``³ from
 74 projections over ±73°), matrix and sinograms already on the device; the CPU kernels'
-times on the same machine, and the largest difference of the slices.
+times on the same machine, and the largest difference of the slices. With ``--fbp-size``:
+FBP of that many slices from 360 projections, a chunk at a time from host memory, as a rank
+of ``tomo reconstruct`` runs it, against the CPU kernel.
 
 Only numpy, scipy, numba (and cupy for the GPU) are needed; the JSON records the device.
 """
@@ -125,6 +127,34 @@ def time_tomo(backend: str, n: int) -> dict:
     return result
 
 
+def time_fbp(backend: str, n: int, projections: int = 360, chunk: int = 64) -> dict:
+    """Seconds of FBP for ``n`` slices of ``n``² from ``projections`` over 180° (the
+    analytic blob sinograms of ``bench tomo --scale``), ``chunk`` slices at a time as a rank
+    does, host arrays in and out, on ``backend`` and on the CPU (its numba kernel, every
+    core); the largest difference of the slices, relative to the largest value."""
+    from sparkmpi.apps.tomo.algorithms import fbp
+    from sparkmpi.bench.tomo_scale import blob_sinograms
+
+    angles = np.arange(projections) * 180.0 / projections
+    rows = [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+    stacks = [np.ascontiguousarray(blob_sinograms(n, projections, r).swapaxes(0, 1)) for r in rows]
+    result: dict = {"shape": [n, n, n], "projections": projections, "chunk": chunk}
+    slices = {}
+    for where in dict.fromkeys((backend, "cpu")):
+        fbp(stacks[0][:2], angles, backend=where)  # compile, plan, upload once
+        sync = _sync(where)
+        start = time.perf_counter()
+        slices[where] = [fbp(stack, angles, backend=where) for stack in stacks]
+        sync()
+        result[f"fbp_{where}_s"] = time.perf_counter() - start
+    scale = max(float(np.abs(s).max()) for s in slices["cpu"]) or 1.0
+    result["fbp_max_difference"] = max(
+        float(np.abs(a - b).max()) / scale
+        for a, b in zip(slices[backend], slices["cpu"], strict=True)
+    )
+    return result
+
+
 def main(args: argparse.Namespace) -> int:
     from sparkmpi.apps.cuda import GPUUnavailable, check_before_launch
     from sparkmpi.apps.ptycho.simulate import simulate
@@ -138,6 +168,7 @@ def main(args: argparse.Namespace) -> int:
     if args.quick:
         args.frames, args.size, args.iterations = 32, 32, 10
         args.tomo_size = min(args.tomo_size, 32)
+        args.fbp_size = min(args.fbp_size, 32)
     threads = args.cpu_threads or os.cpu_count() or 1
     scan = simulate(args.frames, args.size)
     settings = SolverSettings(args.algorithm, args.iterations, backend=args.backend)
@@ -148,6 +179,8 @@ def main(args: argparse.Namespace) -> int:
         cpu = time_ptycho(scan, SolverSettings(args.algorithm, args.iterations), threads)
     tomo_backend = "cupy" if args.backend == "cupy" else "cpu"
     tomo = time_tomo(tomo_backend, args.tomo_size) if args.tomo_size else None
+    if args.fbp_size:
+        tomo = {**(tomo or {}), "fbp": time_fbp(tomo_backend, args.fbp_size)}
     result = {
         "backend": args.backend,
         "device": device_name(args.backend),
@@ -179,13 +212,17 @@ def main(args: argparse.Namespace) -> int:
     values = [bound, gpu["seconds"]] + ([cpu["seconds"]] if cpu else [])
     if tomo:
         table = []
-        for name in ("art", "sirt"):
+        for name in ("art", "sirt") if args.tomo_size else ():
             for where in dict.fromkeys((tomo_backend, "cpu")):
                 table.append([f"{name.upper()} iteration, {where}", tomo[f"{name}_{where}_s"]])
                 labels.append(f"{name.upper()} {where}")
                 values.append(tomo[f"{name}_{where}_s"])
-        n = args.tomo_size
-        print_table(f"Tomography, {n}³ from {tomo['angles']} angles", ["what", "seconds"], table)
+        for where in dict.fromkeys((tomo_backend, "cpu")) if args.fbp_size else ():
+            n = args.fbp_size
+            table.append([f"FBP {n}³ from 360 angles, {where}", tomo["fbp"][f"fbp_{where}_s"]])
+            labels.append(f"FBP {n}³ {where}")
+            values.append(tomo["fbp"][f"fbp_{where}_s"])
+        print_table("Tomography", ["what", "seconds"], table)
     write_json(args.json, result)
     bar_plot(args.plot, f"Solvers on {result['device']}", labels, values)
     return 0
@@ -201,6 +238,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--cpu-threads", type=int, help="FFT threads of the cpu backend (all)")
     parser.add_argument("--skip-cpu", action="store_true", help="leave out the cpu backend")
     parser.add_argument("--tomo-size", type=int, default=256, help="volume edge; 0: no tomo")
+    parser.add_argument("--fbp-size", type=int, default=0, help="FBP volume edge; 0: no FBP")
     parser.add_argument("--quick", action="store_true", help="a tiny case, to test the bench")
     parser.add_argument("--json", help="write the figures as JSON here")
     parser.add_argument("--plot", help="write a PNG plot here")

@@ -63,8 +63,12 @@ def provenance() -> dict:
     """Which code made a figure, when, and on what machine."""
     package = str(Path(__file__).resolve().parents[1])  # the code that made the figure
     status = _git("status", "--porcelain", "--", package)
+    commit = _git("rev-parse", "HEAD")
+    if commit is None and os.environ.get("SPARKMPI_SOURCE_COMMIT"):
+        # a copy of a checkout without .git (a lent GPU machine): the caller names the commit
+        commit = f"{os.environ['SPARKMPI_SOURCE_COMMIT']} (stated by SPARKMPI_SOURCE_COMMIT)"
     return {
-        "commit": _git("rev-parse", "HEAD") or "unknown (not a git checkout)",
+        "commit": commit or "unknown (not a git checkout)",
         "uncommitted_source_changes": bool(status) if status is not None else None,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {
