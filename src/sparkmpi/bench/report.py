@@ -64,9 +64,10 @@ def provenance() -> dict:
     package = str(Path(__file__).resolve().parents[1])  # the code that made the figure
     status = _git("status", "--porcelain", "--", package)
     commit = _git("rev-parse", "HEAD")
-    if commit is None and os.environ.get("SPARKMPI_SOURCE_COMMIT"):
-        # a copy of a checkout without .git (a lent GPU machine): the caller names the commit
-        commit = f"{os.environ['SPARKMPI_SOURCE_COMMIT']} (stated by SPARKMPI_SOURCE_COMMIT)"
+    stated = os.environ.get("SPARKMPI_SOURCE_COMMIT")
+    if stated:  # a copy of a checkout elsewhere (a lent GPU machine): the caller names it
+        seen = f"{commit}{' with changes' if status else ''}" if commit else "no git checkout"
+        commit, status = f"{stated} (stated by SPARKMPI_SOURCE_COMMIT; git here: {seen})", ""
     return {
         "commit": commit or "unknown (not a git checkout)",
         "uncommitted_source_changes": bool(status) if status is not None else None,
