@@ -142,6 +142,7 @@ def test_ranks_write_their_slabs_into_one_volume(tmp_path):
     np.testing.assert_array_equal(store, np.load(gathered))
     with h5py.File(by_tasks) as f:  # plain Spark tasks write the same slabs
         np.testing.assert_array_equal(f["volume"][()], store)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no work left
     assert load(str(stored)).volume.shape == (10, 24, 24)  # spark-mpi view reads it
     moved = tmp_path / "moved"
     moved.mkdir()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
+import shutil
+import uuid
 from pathlib import Path
 
 
@@ -68,9 +69,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from sparkmpi.apps.cuda import check_before_launch
     from sparkmpi.apps.tomo.io import inspect_series
     from sparkmpi.apps.tomo.parquet import convert_to_parquet
-    from sparkmpi.apps.tomo.pipeline import ReconSettings, reconstruct, reconstruct_to_store
-    from sparkmpi.apps.tomo.volume import FORMATS, save_orthoslices_png, write_volume
-    from sparkmpi.files import atomic_outputs, check_output_path
+    from sparkmpi.apps.tomo.pipeline import ReconSettings, reconstruct_to_store
+    from sparkmpi.apps.tomo.volume import FORMATS
+    from sparkmpi.files import check_output_path
     from sparkmpi.runner.context import spark_session
     from sparkmpi.runner.progress import IterationProgress
 
@@ -91,46 +92,35 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     png = Path(args.png) if args.png else Path(args.output).with_suffix(".png")
     check_output_path(args.output), check_output_path(png)  # before any work
     check_before_launch(settings.backend, args.master)
-    parquet = Path(args.input)
+    parquet, output = Path(args.input), Path(args.output)
     if not _is_parquet(parquet):
         inspect_series(parquet, _parse_angles(args.angles))  # bad input: one line, no Spark
-    store = Path(args.output).suffix.lower() in (".h5", ".hdf5")
-    with tempfile.TemporaryDirectory(prefix="spark-mpi-tomo-") as tmp:
+    # work files go beside the output, where a cluster's executors can reach them too
+    work = output.parent / f".{output.name}.work-{uuid.uuid4().hex[:8]}"
+    store = output if output.suffix.lower() in (".h5", ".hdf5") else work / "volume.h5"
+    try:
         spark = spark_session(args.master, cores=args.ranks, app_name="spark-mpi tomo")
         try:
             if not _is_parquet(parquet):  # converted by Spark tasks, a range of rows each
-                parquet = Path(tmp) / (Path(args.input).stem + ".parquet")
+                parquet = work / (parquet.stem + ".parquet")
                 convert_to_parquet(spark, args.input, parquet, _parse_angles(args.angles))
             iterations = 1 if settings.algorithm == "fbp" else settings.iterations
             with IterationProgress(settings.algorithm.upper(), iterations) as progress:
-                if store:  # the ranks write their slabs: the volume never comes here
-                    record = reconstruct_to_store(
-                        spark,
-                        parquet,
-                        args.output,
-                        settings,
-                        ranks=args.ranks,
-                        engine=args.engine,
-                        output=progress,
-                    )
-                else:
-                    volume, record = reconstruct(
-                        spark,
-                        parquet,
-                        settings,
-                        ranks=args.ranks,
-                        engine=args.engine,
-                        output=progress,
-                    )
+                # the ranks write their slabs: neither data nor volume passes through here
+                record = reconstruct_to_store(
+                    spark,
+                    parquet,
+                    store,
+                    settings,
+                    ranks=args.ranks,
+                    engine=args.engine,
+                    output=progress,
+                )
         finally:
             spark.stop()
-    title = f"{settings.algorithm.upper()} of {record['source']}"
-    if store:
-        _store_png(args.output, png, title)
-    else:
-        with atomic_outputs(args.output, png) as (volume_tmp, png_tmp):  # both or neither
-            write_volume(volume, volume_tmp, metadata=record)
-            save_orthoslices_png(volume, png_tmp, title=title)
+        _publish(store, output, png, record)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     print(
         f"wrote {args.output} {tuple(record['shape'])} and {png} in {record['seconds']:.1f} s "
         f"({record['engine']}, {record['ranks']} ranks)"
@@ -142,19 +132,24 @@ def _is_parquet(path: Path) -> bool:
     return path.suffix == ".parquet"
 
 
-def _store_png(volume_path, png: Path, title: str) -> None:
-    """The PNG of a volume store, from its three central slices only; if it cannot be made,
-    the store is removed too (a result set is whole or absent)."""
+def _publish(store: Path, output: Path, png: Path, record: dict) -> None:
+    """The result set from the volume store: the PNG from its three central slices and, for
+    another format than HDF5, ``output`` written a chunk of slices at a time. Whole or
+    absent: if anything fails, the store is removed too."""
     import h5py
 
-    from sparkmpi.apps.tomo.volume import save_orthoslices_png
+    from sparkmpi.apps.tomo.volume import save_orthoslices_png, write_volume
     from sparkmpi.apps.tomo.volume_store import remove
+    from sparkmpi.files import atomic_outputs
 
+    title = f"{record['settings']['algorithm'].upper()} of {record['source']}"
     try:
-        with h5py.File(volume_path, "r") as f:
-            save_orthoslices_png(f["volume"], png, title=title)
+        with h5py.File(store, "r") as f, atomic_outputs(png) as (png_tmp,):
+            save_orthoslices_png(f["volume"], png_tmp, title=title)
+            if store != output:
+                write_volume(f["volume"], output, metadata=record)
     except BaseException:
-        remove(volume_path)
+        remove(store)
         raise
 
 

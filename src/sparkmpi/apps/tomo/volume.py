@@ -13,6 +13,7 @@ import numpy as np
 from sparkmpi.files import atomic_output
 
 FORMATS = (".h5", ".hdf5", ".npy", ".tif", ".tiff", ".vti")
+CHUNK_SLICES = 16
 _VTI_START = b'<AppendedData encoding="raw">'
 
 
@@ -32,7 +33,7 @@ def _jsonable(value):
 
 
 def write_volume(
-    volume: np.ndarray,
+    volume,
     path: str | os.PathLike,
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
     metadata: dict | None = None,
@@ -40,15 +41,19 @@ def write_volume(
     """Writes the (nz, ny, nx) ``volume`` as float32 in the format named by the suffix of
     ``path``: ``.h5``/``.hdf5``, ``.npy``, ``.tif``/``.tiff`` or ``.vti``.
 
+    ``volume`` is an array or an h5py dataset (a volume store): every format but ``.vti``
+    is written :data:`CHUNK_SLICES` slices at a time, so a dataset is never read whole.
     ``spacing`` is the voxel size along (z, y, x), the array's axis order; it and
     ``metadata`` (as JSON) are stored where the format has room for them. The write is atomic
     and creates missing parent directories; an unknown suffix raises ValueError.
     """
     path = Path(path)
     suffix = _suffix(path)
-    volume = np.ascontiguousarray(volume, dtype=np.float32)
-    if volume.ndim != 3:
-        raise ValueError(f"{path}: a volume must be 3-D (nz, ny, nx), got shape {volume.shape}")
+    if not hasattr(volume, "shape"):
+        volume = np.asarray(volume, dtype=np.float32)
+    shape = tuple(int(n) for n in volume.shape)
+    if len(shape) != 3:
+        raise ValueError(f"{path}: a volume must be 3-D (nz, ny, nx), got shape {shape}")
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != 3:
         raise ValueError(f"{path}: spacing must be three numbers (z, y, x), got {spacing}")
@@ -58,18 +63,40 @@ def write_volume(
             import h5py
 
             with h5py.File(tmp, "w") as f:
-                dataset = f.create_dataset("volume", data=volume, compression="gzip")
+                dataset = f.create_dataset(
+                    "volume", shape, "f4", chunks=(1, *shape[1:]), compression="gzip"
+                )
+                for first, chunk in _chunks(volume):
+                    dataset[first : first + len(chunk)] = chunk
                 dataset.attrs["spacing"] = np.array(spacing)
                 dataset.attrs["metadata"] = text
         elif suffix == ".npy":
             with open(tmp, "wb") as f:
-                np.save(f, volume)
+                header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+                np.lib.format.write_array_header_2_0(f, header)
+                for _, chunk in _chunks(volume):
+                    f.write(chunk.astype("<f4", copy=False).tobytes())
         elif suffix in (".tif", ".tiff"):
             import tifffile
 
-            tifffile.imwrite(tmp, volume, photometric="minisblack", description=text, metadata=None)
+            pages = (page for _, chunk in _chunks(volume) for page in chunk)
+            tifffile.imwrite(
+                tmp,
+                pages,
+                shape=shape,
+                dtype="float32",
+                photometric="minisblack",
+                description=text,
+                metadata=None,
+            )
         else:
-            tmp.write_bytes(_vti_bytes(volume, spacing))
+            tmp.write_bytes(_vti_bytes(np.asarray(volume[...], dtype=np.float32), spacing))
+
+
+def _chunks(volume):
+    """(first slice, float32 slices) of ``volume``, :data:`CHUNK_SLICES` at a time."""
+    for first in range(0, volume.shape[0], CHUNK_SLICES):
+        yield first, np.ascontiguousarray(volume[first : first + CHUNK_SLICES], dtype=np.float32)
 
 
 def _vti_bytes(volume: np.ndarray, spacing: tuple[float, float, float]) -> bytes:
