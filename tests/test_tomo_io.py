@@ -251,13 +251,21 @@ def test_unknown_volume_suffix(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    def broken_save(*args, **kwargs):
-        raise OSError("disk full")
+class FailingStore:
+    """A volume store whose read fails after its first 16 slices (a disk error halfway)."""
 
-    monkeypatch.setattr(np, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        write_volume(np.zeros((2, 2, 2), np.float32), tmp_path / "v.npy")
+    shape = (40, 4, 4)
+
+    def __getitem__(self, index):
+        if index.start:
+            raise OSError("disk error")
+        return np.zeros((16, 4, 4), np.float32)
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    for name in ("v.npy", "v.tif", "v.h5"):  # written a chunk at a time, yet all or nothing
+        with pytest.raises(OSError, match="disk error"):
+            write_volume(FailingStore(), tmp_path / name)
     with pytest.raises((TypeError, ValueError)):
         write_volume(object(), tmp_path / "w.h5")
     assert list(tmp_path.iterdir()) == []
@@ -289,3 +297,28 @@ def test_orthoslices_png(tmp_path, shape):
     data = path.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 1000
     assert no_leftovers(tmp_path)
+
+
+def test_read_slices_reads_a_range_in_order_from_interleaved_parts(tmp_path):
+    import pyarrow as pa
+
+    from sparkmpi.apps.tomo.parquet import _schema, read_slices, tilt_metadata
+
+    meta = tilt_metadata((2, 10, 3), [0.0, 90.0], "interleaved")
+    sinograms = {i: np.full((2, 3), i, "<f4").tobytes() for i in range(10)}
+    path = tmp_path / "odd-even.parquet"
+    path.mkdir()
+    for parity in (0, 1):  # each part's one row group spans the other's slices
+        rows = [i for i in range(10) if i % 2 == parity]
+        table = pa.Table.from_arrays(
+            [pa.array(rows, pa.int32()), pa.array([sinograms[i] for i in rows], pa.binary())],
+            schema=_schema(meta),
+        )
+        pq.write_table(table, path / f"part-{parity}.parquet")
+    got = list(read_slices(path, 2, 7))
+    assert [number for number, _ in got] == [2, 3, 4, 5, 6]
+    assert [bytes(blob) for _, blob in got] == [sinograms[i] for i in range(2, 7)]
+    series = make_series()
+    write_parquet(series, tmp_path / "plain.parquet")  # groups in order: read one at a time
+    got = [decode_sinogram(b, 7, 9) for _, b in read_slices(tmp_path / "plain.parquet", 1, 3)]
+    np.testing.assert_array_equal(np.stack(got), series.projections[:, 1:3].swapaxes(0, 1))

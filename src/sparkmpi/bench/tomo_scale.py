@@ -8,8 +8,9 @@ made. Then, timed:
 - **spark-mpi**: ``spark-mpi tomo reconstruct data.parquet vol.h5 --algorithm fbp`` as a
   command of its own (Spark started, the ranks read their Parquet slices, filter and
   back-project a chunk at a time, write their slabs into the volume store, the PNG made from
-  three slices). Wall time of the whole command; the driver's and largest rank's peak RSS
-  come from the run record stored with the volume.
+  three slices). Wall time of the whole command; the peak RSS of the Python driver, of the
+  JVM (in local mode the Spark driver and executors) and of the largest rank come from the
+  run record stored with the volume.
 - **the library**: ASTRA's CPU FBP (``astra-toolbox``; else scikit-image's ``iradon``) on
   ``--library-slices`` of the same sinograms, one process, timed per slice and scaled to all
   n slices on 2 cores as if the library used both perfectly. It reads nothing and writes
@@ -161,6 +162,7 @@ def measure(n: int, n_angles: int, library_slices: int, ranks: int, master, tmp:
         "pipeline_s": ours["seconds"],
         "reconstruction_s": ours["reconstruction_s"],
         "driver_peak_rss_mib": ours["driver_peak_rss_mib"],
+        "jvm_peak_rss_mib": ours["jvm_peak_rss_mib"],
         "rank_peak_rss_mib": ours["rank_peak_rss_mib"],
         "ranks": ours["ranks"],
     }
@@ -189,12 +191,22 @@ def main(args: argparse.Namespace) -> int:
                         lib["seconds_all_slices_2_cores"] / ours["wall_s"],
                         lib["relative_rms_vs_ours"],
                         ours["driver_peak_rss_mib"],
+                        ours["jvm_peak_rss_mib"],
                         ours["rank_peak_rss_mib"],
                     ]
                 )
     print_table(
         f"FBP from {args.projections} projections, end to end on {args.ranks} ranks",
-        ["case", "spark-mpi s", "library s", "x faster", "rel. RMS", "driver MiB", "rank MiB"],
+        [
+            "case",
+            "spark-mpi s",
+            "library s",
+            "x faster",
+            "rel. RMS",
+            "driver MiB",
+            "JVM MiB",
+            "rank MiB",
+        ],
         rows,
     )
     write_json(args.json, {"cores": CORES, "sizes": results})

@@ -132,9 +132,13 @@ def convert_to_parquet(
     return meta
 
 
+def _parts(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob("*.parquet") if not p.name.startswith((".", "_")))
+
+
 def _parquet_file(path: Path) -> Path:
     if path.is_dir():
-        parts = sorted(p for p in path.glob("*.parquet") if not p.name.startswith((".", "_")))
+        parts = _parts(path)
         if not parts:
             raise TomoInputError(f"{path}: directory holds no .parquet part files")
         return parts[0]
@@ -215,6 +219,47 @@ def check_slices(spark, path: str | os.PathLike, meta: dict) -> None:
             f"{path}: slice {counts['bad_slice']}'s sinogram is not {meta['n_angles']} x "
             f"{meta['n_cols']} float32 ({size} bytes)"
         )
+
+
+def _row_groups(path: Path, first: int, stop: int) -> list[tuple[int, int, Path, int]]:
+    """(min slice, max slice, file, group) of the row groups that may hold slices
+    first..stop-1, by the slice column's statistics (a group without them is kept)."""
+    import pyarrow.parquet as pq
+
+    groups = []
+    for file in [path] if path.is_file() else _parts(path):
+        metadata = pq.ParquetFile(file).metadata
+        column = metadata.schema.names.index("slice")
+        for group in range(metadata.num_row_groups):
+            stats = metadata.row_group(group).column(column).statistics
+            known = stats is not None and stats.has_min_max
+            low, high = (stats.min, stats.max) if known else (-(2**62), 2**62)
+            if low < stop and high >= first:
+                groups.append((low, high, file, group))
+    return sorted(groups, key=lambda g: (g[0], g[1]))
+
+
+def read_slices(path: str | os.PathLike, first: int, stop: int):
+    """(slice, sinogram bytes) of slices first..stop-1 of a Parquet tilt series (a file or a
+    directory of parts), in slice order, read straight from the files: only the row groups
+    that hold them, one group at a time when groups do not interleave (as written here),
+    else all selected groups at once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    groups = _row_groups(Path(path), first, stop)
+    apart = all(a[1] < b[0] for a, b in itertools.pairwise(groups))
+    batches = [[g] for g in groups] if apart else [groups] if groups else []
+    for batch in batches:
+        table = pa.concat_tables(
+            pq.ParquetFile(file).read_row_group(group, columns=["slice", "sinogram"])
+            for _, _, file, group in batch
+        )
+        numbers = table.column("slice").to_numpy()
+        blobs = table.column("sinogram")
+        for i in np.argsort(numbers, kind="stable"):
+            if first <= numbers[i] < stop:
+                yield int(numbers[i]), blobs[int(i)].as_buffer()
 
 
 def decode_sinogram(data: bytes | bytearray | memoryview, n_angles: int, n_cols: int) -> np.ndarray:

@@ -11,8 +11,10 @@ each rank reconstructs on its GPU (:func:`sparkmpi.apps.cuda.use_rank_device`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -22,10 +24,10 @@ import numpy as np
 from sparkmpi.apps.cuda import use_rank_device
 from sparkmpi.apps.tomo import volume_store
 from sparkmpi.apps.tomo.algorithms import BACKENDS, art, estimate_center, fbp, sirt
-from sparkmpi.apps.tomo.parquet import check_slices, decode_sinogram, read_metadata
+from sparkmpi.apps.tomo.parquet import check_slices, decode_sinogram, read_metadata, read_slices
 from sparkmpi.apps.tomo.projector import system_matrix
 from sparkmpi.apps.tomo.volume_store import SlabWriter
-from sparkmpi.memory import peak_rss_mib, reset_peak_rss
+from sparkmpi.memory import peak_rss_mib, reset_peak_rss, spark_jvm_peak_rss_mib
 
 log = logging.getLogger(__name__)
 ALGORITHMS = ("art", "sirt", "fbp")
@@ -172,16 +174,16 @@ def reconstruct_partition(
         return writer.close() if writer is not None else None
 
 
-def _spark_partition(meta: dict, settings: ReconSettings, rows):
-    index, sinos = _slab(meta, rows)
+def _spark_partition(meta: dict, settings: ReconSettings, parquet: str, ranges):
+    index, sinos = _slab(meta, _rows(parquet, ranges))
     if len(index):
         volume = reconstruct_slab(sinos, np.asarray(meta["angles_deg"]), settings)
         yield from zip(index.tolist(), volume, strict=True)
 
 
-def _spark_partition_to_store(meta: dict, settings: ReconSettings, staging: str, rows):
+def _spark_partition_to_store(meta, settings: ReconSettings, parquet: str, staging: str, ranges):
     reset_peak_rss()
-    written = reconstruct_partition(meta, settings, staging, rows)
+    written = reconstruct_partition(meta, settings, staging, _rows(parquet, ranges))
     yield written, peak_rss_mib()
 
 
@@ -194,11 +196,11 @@ def _iteration_printer(comm, start: float):
     return progress
 
 
-def _mpi_rank(meta: dict, settings: ReconSettings, comm, rows):
+def _mpi_rank(meta: dict, settings: ReconSettings, parquet: str, comm, ranges):
     """One rank: reconstruct its slab, log the global residual, gather the volume on rank 0."""
     if settings.backend == "cupy":
         use_rank_device(comm)
-    index, sinos = _slab(meta, rows)
+    index, sinos = _slab(meta, _rows(parquet, ranges))
     angles = np.asarray(meta["angles_deg"])
     start = time.perf_counter()
     volume = reconstruct_slab(sinos, angles, settings, _iteration_printer(comm, start))
@@ -220,28 +222,36 @@ def _mpi_max():
     return MPI.MAX
 
 
-def slice_rdd(spark, parquet: str | Path, partitions: int):
-    """(slice, sinogram bytes) rows of ``parquet`` in ``partitions`` contiguous slabs, each
-    sorted by slice; read by the executors, never by the driver."""
-    df = spark.read.parquet(str(parquet)).select("slice", "sinogram")
-    return df.repartitionByRange(partitions, "slice").sortWithinPartitions("slice").rdd.map(tuple)
+def slab_ranges(n_rows: int, partitions: int) -> list[tuple[int, int]]:
+    """``partitions`` contiguous ranges (first, stop) of slices 0..n_rows-1, as even as can be."""
+    bounds = np.linspace(0, n_rows, partitions + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
+def _rows(parquet: str, partition) -> Iterator:
+    """The (slice, sinogram bytes) rows of a partition's slab ranges, read where it runs."""
+    for first, stop in partition:
+        yield from read_slices(parquet, first, stop)
 
 
 def _plan(spark, parquet, settings: ReconSettings, ranks: int):
-    """The driver's part: metadata, checks, the rotation centre (from one slice), the RDD of
-    contiguous slabs. No projection data passes through here but that one slice."""
+    """The driver's part: metadata, checks, the rotation centre (from one slice), and an RDD
+    of ``ranks`` partitions, each one slab's range of slices. Each task reads its slices from
+    the Parquet files itself; no projection data passes through here (but that one slice) or
+    through Spark's JVMs."""
     meta = read_metadata(parquet)
     check_slices(spark, parquet, meta)  # one line naming the file, before any rank starts
     angles = np.asarray(meta["angles_deg"])
+    parquet = str(Path(parquet).resolve())  # the tasks' working directory may differ
     if settings.center is None:
         middle = meta["n_rows"] // 2
-        first = spark.read.parquet(str(parquet)).where(f"slice = {middle}").first()
-        if first is not None:
-            sino = decode_sinogram(first["sinogram"], meta["n_angles"], meta["n_cols"])
+        for _, blob in read_slices(parquet, middle, middle + 1):
+            sino = decode_sinogram(blob, meta["n_angles"], meta["n_cols"])
             center = choose_center(sino, angles, settings.binning)
             if center is not None:
                 settings = ReconSettings(**{**asdict(settings), "center": center})
-    return meta, settings, slice_rdd(spark, parquet, ranks)
+    ranges = slab_ranges(meta["n_rows"], ranks)
+    return meta, settings, parquet, spark.sparkContext.parallelize(ranges, ranks)
 
 
 def _record(meta, parquet, settings, engine, ranks, shape, start, compute_s) -> dict:
@@ -277,21 +287,21 @@ def reconstruct(
 
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-    meta, settings, rdd = _plan(spark, parquet, settings, ranks)
+    meta, settings, path, rdd = _plan(spark, parquet, settings, ranks)
     start = time.perf_counter()
     if engine == "spark":
-        pairs = rdd.mapPartitions(partial(_spark_partition, meta, settings)).collect()
+        pairs = rdd.mapPartitions(partial(_spark_partition, meta, settings, path)).collect()
         pairs.sort(key=lambda p: p[0])
         volume = np.stack([image for _, image in pairs])
         compute_s = None
     else:
-        fn = partial(_mpi_rank, meta, settings)
+        fn = partial(_mpi_rank, meta, settings, path)
         ((_, volume, compute_s),) = run_mpi(rdd, fn, output=output or print_prefixed).collect()
     record = _record(meta, parquet, settings, engine, ranks, volume.shape, start, compute_s)
     return volume.astype(np.float32, copy=False), record
 
 
-def _mpi_rank_to_store(meta: dict, settings: ReconSettings, staging: str, comm, rows):
+def _mpi_rank_to_store(meta, settings: ReconSettings, parquet: str, staging: str, comm, ranges):
     """One rank: reconstruct its slab into ``staging``; rank 0 yields the slabs written
     (first slice, count), the slowest rank's seconds and the largest rank peak RSS."""
     reset_peak_rss()
@@ -299,7 +309,7 @@ def _mpi_rank_to_store(meta: dict, settings: ReconSettings, staging: str, comm, 
         use_rank_device(comm)
     start = time.perf_counter()
     progress = _iteration_printer(comm, start)
-    written = reconstruct_partition(meta, settings, staging, rows, progress)
+    written = reconstruct_partition(meta, settings, staging, _rows(parquet, ranges), progress)
     seconds = comm.allreduce(time.perf_counter() - start, op=_mpi_max())
     peak = comm.allreduce(peak_rss_mib(), op=_mpi_max())
     slabs = comm.gather(written, root=0)
@@ -330,18 +340,18 @@ def reconstruct_to_store(
 
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-    meta, settings, rdd = _plan(spark, parquet, settings, ranks)
+    meta, settings, source, rdd = _plan(spark, parquet, settings, ranks)
     staging = volume_store.staging_dir(path)
     start = time.perf_counter()
     try:
         if engine == "spark":
             done = rdd.mapPartitions(
-                partial(_spark_partition_to_store, meta, settings, str(staging))
+                partial(_spark_partition_to_store, meta, settings, source, str(staging))
             ).collect()
             slabs = [s for s, _ in done if s is not None]
             compute_s, rank_peak = None, max(peak for _, peak in done)
         else:
-            fn = partial(_mpi_rank_to_store, meta, settings, str(staging))
+            fn = partial(_mpi_rank_to_store, meta, settings, source, str(staging))
             ((slabs, compute_s, rank_peak),) = run_mpi(
                 rdd, fn, output=output or print_prefixed
             ).collect()
@@ -350,6 +360,7 @@ def reconstruct_to_store(
         record = _record(meta, parquet, settings, engine, ranks, (nz, n, n), start, compute_s)
         record["rank_peak_rss_mib"] = rank_peak
         record["driver_peak_rss_mib"] = peak_rss_mib()
+        record["jvm_peak_rss_mib"] = spark_jvm_peak_rss_mib(spark)
         volume_store.publish(path, staging, slabs, (n, n), metadata=record)
     except BaseException:
         volume_store.discard(staging)
