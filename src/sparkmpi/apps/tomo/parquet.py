@@ -173,50 +173,77 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
+def _check_groups(size: int, groups) -> list:
+    """On an executor: for each (file, row group), its slice numbers and the first slice whose
+    sinogram is not ``size`` bytes (or None); or the reason a file cannot be read."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    found = []
+    for file, group in groups:
+        try:
+            table = pq.ParquetFile(file).read_row_group(group, columns=["slice", "sinogram"])
+        except Exception as exc:
+            return [(file, None, f"not a readable Parquet file ({reason(exc)})")]
+        numbers = table.column("slice").to_numpy(zero_copy_only=False)
+        lengths = pc.fill_null(pc.binary_length(table.column("sinogram")), -1).to_numpy()
+        bad = numbers[lengths != size]
+        found.append((file, numbers.astype(np.int64), int(bad.min()) if len(bad) else None))
+    return found
+
+
 def check_slices(spark, path: str | os.PathLike, meta: dict) -> None:
     """Checks, before any reconstruction, that the Parquet tilt series at ``path`` has the
     columns ``slice`` (integer) and ``sinogram`` (binary), one row per slice 0..n_rows-1, and
     sinograms of n_angles x n_cols float32 each; :class:`TomoInputError` (one line naming the
-    file) otherwise. The schema comes from the footer; rows and byte counts are counted by one
-    Spark job where the data lies, so only a few numbers reach the driver."""
+    file) otherwise. Schemas and row groups come from the footers; the row groups are read by
+    Spark tasks where they run, which send back only slice numbers and the first bad one."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    schema = pq.read_schema(_parquet_file(path))
-    for name, kind, test in (
-        ("slice", "integers", pa.types.is_integer),
-        ("sinogram", "binary", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)),
-    ):
-        if name not in schema.names:
-            raise TomoInputError(f"{path}: no column {name!r} (columns: {', '.join(schema.names)})")
-        if not test(schema.field(name).type):
-            raise TomoInputError(
-                f"{path}: column {name!r} holds {schema.field(name).type}, not {kind}"
-            )
-    n_rows, size = meta["n_rows"], meta["n_angles"] * meta["n_cols"] * _FLOAT32_LE.itemsize
-    try:
-        counts = (
-            spark.read.parquet(str(path))
-            .selectExpr(
-                "count(*) AS rows",
-                "count(DISTINCT slice) AS distinct_slices",
-                f"sum(CASE WHEN slice < 0 OR slice >= {n_rows} THEN 1 ELSE 0 END) AS outside",
-                f"min(CASE WHEN length(sinogram) != {size} OR sinogram IS NULL THEN slice END) "
-                "AS bad_slice",
-            )
-            .first()
-        )
-    except Exception as exc:
-        first = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
-        raise TomoInputError(f"{path}: not readable by Spark ({first[:300]})") from None
-    if counts["rows"] != n_rows or counts["distinct_slices"] != n_rows or counts["outside"]:
+    path = Path(path).resolve()
+    files = [path] if path.is_file() else _parts(path)
+    groups = []
+    for file in files or [_parquet_file(path)]:
+        try:
+            footer = pq.ParquetFile(file)
+        except Exception as exc:
+            raise TomoInputError(f"{file}: not a readable Parquet file ({reason(exc)})") from None
+        schema = footer.schema_arrow
+        for name, kind, test in (
+            ("slice", "integers", pa.types.is_integer),
+            ("sinogram", "binary", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)),
+        ):
+            if name not in schema.names:
+                raise TomoInputError(
+                    f"{file}: no column {name!r} (columns: {', '.join(schema.names)})"
+                )
+            if not test(schema.field(name).type):
+                raise TomoInputError(
+                    f"{file}: column {name!r} holds {schema.field(name).type}, not {kind}"
+                )
+        groups += [(str(file), g) for g in range(footer.metadata.num_row_groups)]
+    size = meta["n_angles"] * meta["n_cols"] * _FLOAT32_LE.itemsize
+    tasks = max(1, min(len(groups), spark.sparkContext.defaultParallelism))
+    found = (
+        spark.sparkContext.parallelize(groups, tasks)
+        .mapPartitions(lambda part: _check_groups(size, list(part)))
+        .collect()
+    )
+    for file, _, why in found:
+        if isinstance(why, str):
+            raise TomoInputError(f"{file}: {why}")
+    numbers = np.sort(np.concatenate([n for _, n, _ in found] or [np.zeros(0, np.int64)]))
+    n_rows = meta["n_rows"]
+    if not np.array_equal(numbers, np.arange(n_rows)):
         raise TomoInputError(
-            f"{path}: {counts['rows']} rows do not hold each of slices 0..{n_rows - 1} once"
+            f"{path}: {len(numbers)} rows do not hold each of slices 0..{n_rows - 1} once"
         )
-    if counts["bad_slice"] is not None:
+    bad = [(first, file) for file, _, first in found if first is not None]
+    if bad:
+        first, file = min(bad)
         raise TomoInputError(
-            f"{path}: slice {counts['bad_slice']}'s sinogram is not {meta['n_angles']} x "
+            f"{file}: slice {first}'s sinogram is not {meta['n_angles']} x "
             f"{meta['n_cols']} float32 ({size} bytes)"
         )
 
