@@ -105,7 +105,7 @@ def write_json(path: str | Path | None, data: dict) -> None:
         Path(path).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _pyplot(path: str | Path | None):
+def pyplot_for(path: str | Path | None):
     """matplotlib's pyplot (headless) when a PNG is wanted at ``path`` and can be drawn."""
     if not path:
         return None
@@ -123,7 +123,7 @@ def _pyplot(path: str | Path | None):
 
 def bar_plot(path: str | Path | None, title: str, labels: list[str], seconds: list[float]) -> None:
     """A log-scale bar chart of ``seconds`` per label, written as PNG."""
-    plt = _pyplot(path)
+    plt = pyplot_for(path)
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
@@ -149,7 +149,7 @@ def bar_plot(path: str | Path | None, title: str, labels: list[str], seconds: li
 
 def table_plot(path: str | Path | None, title: str, columns: list[str], rows: list[list[str]]):
     """The table as a PNG (one row per line, the header shaded)."""
-    plt = _pyplot(path)
+    plt = pyplot_for(path)
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 0.6 + 0.24 * (len(rows) + 1)), dpi=110)

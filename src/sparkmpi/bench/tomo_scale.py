@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparkmpi.bench.report import bar_plot, print_table, write_json
+from sparkmpi.bench.report import print_table, pyplot_for, write_json
 
 CORES = 2
 
@@ -210,13 +210,38 @@ def main(args: argparse.Namespace) -> int:
         rows,
     )
     write_json(args.json, {"cores": CORES, "sizes": results})
-    labels, seconds = [], []
-    for r in results:
-        labels += [f"spark-mpi {r['n']}³"]
-        seconds += [r["ours"]["wall_s"]]
-        for kernel in ("strip", "linear"):
-            if f"library_{kernel}" in r:
-                labels.append(f"{r['library'].split()[0]} {kernel} {r['n']}³")
-                seconds.append(r[f"library_{kernel}"]["seconds_all_slices_2_cores"])
-    bar_plot(args.plot, f"FBP end to end, {args.projections} projections, 2 cores", labels, seconds)
+    _plot(args.plot, results, args.projections)
     return 0
+
+
+def _plot(path, results: list[dict], projections: int) -> None:
+    """Seconds per size, grouped: spark-mpi end to end beside each library kernel."""
+    plt = pyplot_for(path)
+    if plt is None:
+        return
+    kernels = [k for k in ("strip", "linear") if f"library_{k}" in results[0]]
+    series = [("spark-mpi, end to end", lambda r: r["ours"]["wall_s"])] + [
+        (
+            f"{results[0]['library'].split()[0]} {k}, compute only",
+            lambda r, k=k: r[f"library_{k}"]["seconds_all_slices_2_cores"],
+        )
+        for k in kernels
+    ]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    width = 0.8 / len(series)
+    for i, (label, value) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(results))]
+        values = [value(r) for r in results]
+        bars = ax.bar(xs, values, width, label=label)
+        for bar, v in zip(bars, values, strict=True):
+            x = bar.get_x() + bar.get_width() / 2
+            ax.annotate(f"{v:.1f} s", (x, v), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(results)), [f"{r['n']}³" for r in results])
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds (one run, log scale)")
+    ax.set_title(f"FBP from {projections} projections on 2 cores")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
