@@ -1,11 +1,15 @@
 """Tilt series → Parquet → Spark → per-slice reconstruction → volume.
 
-Spark reads the Parquet file (one row per slice, holding that slice's whole sinogram), ranges
-the slices into contiguous slabs, one per partition, and each partition is reconstructed where
-it lies: either as a plain Spark ``mapPartitions`` (``engine="spark"``) or as the ranks of one
-MPI job (``engine="mpi"``), which gather the volume on rank 0 (``MPI_Gather``) and agree on the
-reconstruction time (``MPI_Allreduce``); rank 0 logs every iteration. With ``backend="cupy"``
-each rank reconstructs on its GPU (:func:`sparkmpi.apps.cuda.use_rank_device`).
+The driver plans: it checks the Parquet tilt series (one row per slice, holding that slice's
+whole sinogram), estimates the rotation centre from one slice, and divides the slices into
+contiguous slab ranges, one per partition. Each partition reads its own slices from the files
+and reconstructs them, either as a plain Spark task (``engine="spark"``) or as a rank of one MPI
+job (``engine="mpi"``, the ranks agreeing on the reconstruction time with ``MPI_Allreduce``;
+rank 0 logs every iteration). :func:`reconstruct_to_store` has each write its slab into a
+volume store (FBP a chunk at a time), so nothing passes through the driver;
+:func:`reconstruct` gathers the volume into the driver (``MPI_Gather`` on rank 0), for small
+volumes. With ``backend="cupy"`` each rank reconstructs on its GPU
+(:func:`sparkmpi.apps.cuda.use_rank_device`).
 """
 
 from __future__ import annotations
