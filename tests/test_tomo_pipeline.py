@@ -216,3 +216,24 @@ def test_spark_tasks_convert_a_file_to_parquet_parts(spark, tmp_path, kind):
     whole = read_series(source)
     np.testing.assert_array_equal(read_parquet(output).projections, whole.projections)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_page_that_fails_to_decode_in_a_task_is_one_line(tmp_path):
+    import tifffile
+
+    source = tmp_path / "garbled.tif"
+    pages = np.random.default_rng(5).random((6, 16, 16), np.float32)
+    tifffile.imwrite(source, pages, compression="deflate")
+    source.with_suffix(".rawtlt").write_text("\n".join(str(a) for a in range(6)))
+    with tifffile.TiffFile(source) as tif:  # headers intact, page 4's compressed bytes garbled
+        offset, count = tif.pages[4].dataoffsets[0], tif.pages[4].databytecounts[0]
+    data = bytearray(source.read_bytes())
+    data[offset : offset + count] = b"\x13" * count
+    source.write_bytes(bytes(data))
+    out = tmp_path / "never.parquet"
+    done = spark_mpi("tomo", "to-parquet", str(source), str(out), timeout=180)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert last.startswith("spark-mpi tomo to-parquet: ") and "garbled.tif: damaged TIFF" in last
+    assert "page 4" in last and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

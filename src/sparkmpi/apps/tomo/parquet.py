@@ -83,9 +83,16 @@ def write_parquet(series: TiltSeries, path: str | os.PathLike) -> None:
     write_part(path, meta, 0, series.projections)
 
 
-def _convert_range(layout: SeriesLayout, meta: dict, staging: str, rows: tuple[int, int]) -> int:
+def _convert_range(
+    layout: SeriesLayout, meta: dict, staging: str, rows: tuple[int, int]
+) -> int | str:
+    """On an executor: writes one part; the slices written, or why the file is unusable (a
+    message, not an exception, so that the failure is one line, not Spark's task error)."""
     first, stop = rows
-    projections = read_rows(layout, first, stop)
+    try:
+        projections = read_rows(layout, first, stop)
+    except TomoInputError as exc:
+        return str(exc)
     return write_part(Path(staging) / f"part-{first:06d}.parquet", meta, first, projections)
 
 
@@ -118,6 +125,8 @@ def convert_to_parquet(
     try:
         convert = partial(_convert_range, layout, meta, str(staging))
         written = sc.parallelize(ranges, len(ranges)).map(convert).collect()
+        for problem in (w for w in written if isinstance(w, str)):
+            raise TomoInputError(problem)
         if sum(written) != n_rows:
             raise RuntimeError(f"{source}: wrote {sum(written)} of {n_rows} slices")
         if output.is_dir():

@@ -172,7 +172,12 @@ def read_tiff_rows(layout: SeriesLayout, first: int, stop: int) -> np.ndarray:
                 rows = np.frombuffer(tif.filehandle.read(count * dtype.itemsize), dtype, count)
                 out[i] = rows.reshape(stop - first, n_cols)
             else:
-                out[i] = page.asarray()[first:stop]
+                try:
+                    out[i] = page.asarray()[first:stop]
+                except Exception as exc:
+                    raise TomoInputError(
+                        f"{layout.path}: damaged TIFF (page {i}: {reason(exc)})"
+                    ) from None
     if complaints:
         raise TomoInputError(f"{layout.path}: damaged TIFF ({complaints[0]})")
     if layout.scale != 1 or layout.offset != 0:
