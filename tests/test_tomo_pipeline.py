@@ -237,3 +237,18 @@ def test_a_page_that_fails_to_decode_in_a_task_is_one_line(tmp_path):
     assert last.startswith("spark-mpi tomo to-parquet: ") and "garbled.tif: damaged TIFF" in last
     assert "page 4" in last and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_conversion_refuses_non_finite_projections_and_writes_nothing(spark, tmp_path):
+    import tifffile
+
+    from sparkmpi.apps.tomo.io import TomoInputError
+    from sparkmpi.apps.tomo.parquet import convert_to_parquet
+
+    pages = np.ones((6, 10, 5), np.float32)
+    pages[2, 7, 1] = np.nan
+    source = tmp_path / "nan.tif"
+    tifffile.imwrite(source, pages, photometric="minisblack")
+    with pytest.raises(TomoInputError, match=r"nan\.tif: projections contain NaN .*rows 5\.\.9"):
+        convert_to_parquet(spark, source, tmp_path / "out.parquet", [0, 30, 60, 90, 120, 150], 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.tif"]

@@ -93,6 +93,10 @@ def _convert_range(
         projections = read_rows(layout, first, stop)
     except TomoInputError as exc:
         return str(exc)
+    if not np.isfinite(projections).all():
+        return (
+            f"{layout.path}: projections contain NaN or infinite values (rows {first}..{stop - 1})"
+        )
     return write_part(Path(staging) / f"part-{first:06d}.parquet", meta, first, projections)
 
 

@@ -89,6 +89,9 @@ def _tifffile_complaints() -> Iterator[list[str]]:
 
 
 def tiff_layout(path: Path, angles_deg) -> SeriesLayout:
+    """The layout of a multi-page TIFF from its page headers alone, checked: readable, no page
+    whose data lies past the end of the file (a truncated file), 2-D pages of one shape and a
+    numeric sample type, one angle per page (see :func:`read_tiff_series`)."""
     import tifffile
 
     size = path.stat().st_size
@@ -107,11 +110,10 @@ def tiff_layout(path: Path, angles_deg) -> SeriesLayout:
     if not pages:
         raise TomoInputError(f"{path}: TIFF has no pages")
     for i, (shape, _) in enumerate(shapes):
-        if len(shape) != 2 or shape != shapes[0][0]:
-            raise TomoInputError(
-                f"{path}: page {i} has shape {shape}; expected 2-D greyscale pages "
-                f"of one size {shapes[0][0]}"
-            )
+        if len(shape) != 2:
+            raise TomoInputError(f"{path}: page {i} has shape {shape}, not a 2-D greyscale image")
+        if shape != shapes[0][0]:
+            raise TomoInputError(f"{path}: page {i} has shape {shape}, page 0 {shapes[0][0]}")
     if shapes[0][1] is None or np.dtype(shapes[0][1]).kind not in "iuf":
         raise TomoInputError(f"{path}: unsupported sample type {shapes[0][1]}")
     info = _description_json(description)
