@@ -1,6 +1,6 @@
 """mpi4py.futures on the job's own ranks: rank 0 hands out tasks, the other ranks run them.
 
-spark-mpi run --np 2 examples/futures_executor.py      (as under: mpiexec -n 2 python ...)
+spark-mpi run --ranks 2 examples/futures_executor.py      (as under: mpiexec -n 2 python ...)
 
 ``MPICommExecutor`` needs no new processes, so it runs wherever the job's ranks run.
 ``MPIPoolExecutor`` spawns its workers instead: see examples/futures_pool.py.

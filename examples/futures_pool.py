@@ -1,6 +1,6 @@
 """mpi4py.futures with spawned workers: ``MPIPoolExecutor`` starts them with MPI_Comm_spawn.
 
-spark-mpi run --np 1 examples/futures_pool.py          (as under: mpiexec -n 1 python ...)
+spark-mpi run --ranks 1 examples/futures_pool.py          (as under: mpiexec -n 1 python ...)
 
 The workers start as a Spark stage of their own when the cluster has free task slots, else
 beside the rank that creates the pool, in its Spark task; they end with the job and their

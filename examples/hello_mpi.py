@@ -1,4 +1,4 @@
-"""A plain mpi4py program: run it with `spark-mpi run --np 2 examples/hello_mpi.py`
+"""A plain mpi4py program: run it with `spark-mpi run --ranks 2 examples/hello_mpi.py`
 (or, for comparison, `mpiexec -n 2 python examples/hello_mpi.py`)."""
 
 import socket

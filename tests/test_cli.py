@@ -31,13 +31,36 @@ SCRIPT = textwrap.dedent(
 
 def test_run_script_like_mpiexec(tmp_path):
     script = tmp_path / "hello_mpi.py"
-    script.write_text(SCRIPT)
-    done = spark_mpi("run", "--np", "2", str(script), "alpha", "--beta")
+    script.write_text(SCRIPT + "print('env', __import__('os').environ.get('BEAMLINE'))\n")
+    done = spark_mpi(
+        "run", "--ranks", "2", "--env", "BEAMLINE=8-ID", str(script), "alpha", "--beta"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert "[rank 0] rank 0 of 2 sum 3 args ['alpha', '--beta']" in lines
     assert "[rank 1] rank 1 of 2 sum 3 args ['alpha', '--beta']" in lines
     assert "[rank 0] gathered [0, 10]" in lines
+    assert "[rank 1] env 8-ID" in lines  # --env reaches every rank
+
+
+def test_one_vocabulary_for_ranks_and_durations():
+    from sparkmpi.cli import build_parser
+    from sparkmpi.durations import duration
+
+    parser = build_parser()
+    for words in (["--ranks", "3"], ["--np", "3"], ["-n", "3"]):  # --np, -n as mpiexec's
+        assert parser.parse_args(["run", *words, "x.py"]).ranks == 3
+    assert parser.parse_args(["run", "--timeout", "2m", "x.py"]).timeout == 120
+    assert parser.parse_args(["bench", "stream", "--batch-interval", "500ms"]).batch_interval == 0.5
+    assert parser.parse_args(["bench", "tomo", "--workers", "1,2"]).ranks == "1,2"  # old name
+    assert [duration(t) for t in ("2s", "500ms", "1.5", "1m")] == [2.0, 0.5, 1.5, 60.0]
+    for bad in ("0s", "-1", "soon", "inf"):
+        with pytest.raises(Exception, match="positive duration"):
+            duration(bad)
+    done = spark_mpi("--version", timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("spark-mpi "), done.stderr
+    done = spark_mpi("run", "--env", "NOEQUALS", "x.py", timeout=60)
+    assert done.returncode == 2 and "--env 'NOEQUALS': expected KEY=VALUE" in done.stderr
 
 
 def test_failing_script_exits_nonzero_with_one_clear_error(tmp_path):

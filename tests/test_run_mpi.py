@@ -198,3 +198,13 @@ def test_mpi4py_futures_pool_executor_spawns_its_workers(spark):
     """MPIPoolExecutor's workers start with MPI_Comm_spawn beside each rank."""
     out = run_mpi(spark, pool_on_spawned_workers, ranks=2, output=None).collect()
     assert out == [(rank, [0, 1, 4, 9, 16, 25], True) for rank in range(2)]
+
+
+def test_thread_settings_need_a_fresh_interpreter():
+    from sparkmpi.runner.spare import _needs_fresh_interpreter
+
+    started = {"PATH": "/usr/bin", "OMP_NUM_THREADS": "2"}
+    for key in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS", "PYTHONPATH"):
+        assert _needs_fresh_interpreter(started, {**started, key: "1"})  # read at start-up
+    assert _needs_fresh_interpreter(started, {**started, "OMP_NUM_THREADS": "1"})
+    assert not _needs_fresh_interpreter(started, {**started, "BEAMLINE": "8-ID"})  # read later

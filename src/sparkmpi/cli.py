@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from sparkmpi import __version__
+from sparkmpi.durations import duration
 from sparkmpi.runner.runtime import RUNTIMES
 
 APPS = {
@@ -24,17 +26,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     try:
         conf = parse_conf(args.conf)
+        env = parse_conf(args.env, option="--env")
     except ValueError as exc:
         print(f"spark-mpi run: {exc}", file=sys.stderr)
         return 2
-    spark = spark_session(args.master, cores=args.np, conf=conf)
+    spark = spark_session(args.master, cores=args.ranks, conf=conf)
     try:
         run_script(
             spark,
             args.script,
             args.args,
-            ranks=args.np,
+            ranks=args.ranks,
             runtime=args.runtime,
+            env=env or None,
             timeout=args.timeout,
             pmi_host=args.pmi_host,
         )
@@ -46,13 +50,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_conf(pairs: list[str] | None) -> dict[str, str]:
-    """``["k=v", ...]`` from repeated ``--conf`` options as a dict; ValueError naming a bad one."""
+def parse_conf(pairs: list[str] | None, option: str = "--conf") -> dict[str, str]:
+    """``["k=v", ...]`` from a repeated option as a dict; ValueError naming a bad one."""
     conf = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--conf {pair!r}: expected KEY=VALUE")
+            raise ValueError(f"{option} {pair!r}: expected KEY=VALUE")
         conf[key.strip()] = value
     return conf
 
@@ -107,13 +111,19 @@ def _bench_outputs(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spark-mpi", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"spark-mpi {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run an mpi4py script as N ranks on Spark, like mpiexec")
-    run.add_argument("--np", "-n", type=int, default=1, help="number of ranks (default 1)")
-    run.add_argument("--master", help="Spark master URL (default local[NP])")
+    run.add_argument(
+        "--ranks", "--np", "-n", dest="ranks", type=int, default=1, help="number of ranks (1)"
+    )
+    run.add_argument("--master", help="Spark master URL (default local[RANKS])")
     run.add_argument("--runtime", choices=RUNTIMES, default="mpich")
-    run.add_argument("--timeout", type=float, help="fail the job after this many seconds")
+    run.add_argument("--timeout", type=duration, help="fail the job after this long (e.g. 10m)")
+    run.add_argument(
+        "--env", action="append", metavar="KEY=VALUE", help="set in every rank (repeatable)"
+    )
     run.add_argument(
         "--pmi-host", help="driver address the executors reach (default: see docs/deployment.md)"
     )
@@ -136,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--ranks", type=int, default=2)
     launch.add_argument("--repeat", type=int, default=10)
     launch.add_argument("--submissions", type=int, default=50)
-    launch.add_argument("--gap", type=float, default=0.5, help="idle seconds before each launch")
+    launch.add_argument("--gap", type=duration, default=0.5, help="idle before each launch (500ms)")
     _bench_outputs(launch, "launch", master="local[RANKS]")
     allreduce = bench_sub.add_parser(
         "allreduce", help="sum of arrays: Spark collect/treeReduce vs MPI Allreduce (Table I)"
@@ -158,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_outputs(allreduce, "allreduce", master=None, what="results")
     tomo = bench_sub.add_parser("tomo", help="ART iteration time on 256³: workers vs textbook loop")
     tomo.add_argument("--size", type=int, default=256, help="volume edge (256)")
-    tomo.add_argument("--workers", default="1,2", help="comma-separated worker counts (1,2)")
+    tomo.add_argument(
+        "--ranks", "--workers", dest="ranks", default="1,2", help="comma-separated rank counts"
+    )
     tomo.add_argument("--iterations", type=int, default=3, help="ART iterations timed (3)")
     tomo.add_argument("--textbook-slices", type=int, default=2, help="slices of the slow loop")
     tomo.add_argument(
@@ -166,7 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tomo.add_argument("--sizes", default="256,512", help="with --scale: volume edges (256,512)")
     tomo.add_argument("--projections", type=int, default=360, help="with --scale (360)")
-    tomo.add_argument("--ranks", type=int, default=2, help="with --scale: MPI ranks (2)")
     tomo.add_argument(
         "--library-slices", type=int, default=8, help="with --scale: slices the library times"
     )
@@ -209,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--size", type=int, default=128, help="frame edge (128)")
     stream.add_argument("--rate", type=float, default=20.0, help="frames per second (20)")
     stream.add_argument("--transports", default="kafka,zmq", help="kafka,zmq")
-    stream.add_argument("--batch-interval", type=float, default=2.0, help="seconds (2)")
+    stream.add_argument("--batch-interval", type=duration, default=2.0, help="e.g. 2s, 500ms (2s)")
     stream.add_argument("--iterations", type=int, default=10, help="iterations per batch (10)")
     stream.add_argument("--final-iterations", type=int, default=50, help="after the scan (50)")
     stream.add_argument("--quick", action="store_true", help="64 frames of 64² at 40 Hz")
@@ -222,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     tomo_stream.add_argument("--size", type=int, default=256, help="detector edge = volume (256)")
     tomo_stream.add_argument("--projections", type=int, default=361, help="over 180° (361)")
     tomo_stream.add_argument("--rate", type=float, default=100.0, help="projections/s (100)")
-    tomo_stream.add_argument("--batch-interval", type=float, default=1.0, help="seconds (1)")
+    tomo_stream.add_argument("--batch-interval", type=duration, default=1.0, help="1s")
     tomo_stream.add_argument("--quick", action="store_true", help="91 projections of 48²")
     _bench_outputs(tomo_stream, "stream_tomo")
 
@@ -231,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bluesky.add_argument("--frames", type=int, default=256, help="frames in the scan (256)")
     bluesky.add_argument("--size", type=int, default=128, help="frame edge (128)")
-    bluesky.add_argument("--batch-interval", type=float, default=0.5, help="seconds (0.5)")
+    bluesky.add_argument("--batch-interval", type=duration, default=0.5, help="500ms")
     bluesky.add_argument("--iterations", type=int, default=5, help="iterations per batch (5)")
     bluesky.add_argument("--final-iterations", type=int, default=60, help="after the scan (60)")
     bluesky.add_argument(
@@ -244,15 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     v2.add_argument("--frames", type=int, default=4000, help="images per run (4000)")
     v2.add_argument("--size", type=int, default=512, help="image side in pixels (512)")
     v2.add_argument("--ranks", type=int, default=2)
-    v2.add_argument("--batch-interval", type=float, default=0.5, help="seconds (0.5)")
+    v2.add_argument("--batch-interval", type=duration, default=0.5, help="500ms")
     _bench_outputs(v2, "stream_v2", master="local[RANKS]")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "np", 1) < 1:
-        print("spark-mpi run: --np must be at least 1", file=sys.stderr)
+    if args.command == "run" and args.ranks < 1:
+        print("spark-mpi run: --ranks must be at least 1", file=sys.stderr)
         return 2
     if args.command in APPS:
         return _run_app(args)

@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from sparkmpi.bench.report import print_table, table_plot, write_json
+from sparkmpi.durations import duration
 from sparkmpi.runner.runtime import RUNTIMES, RuntimeNotFound, get_runtime
 
 RANK_SCRIPT = Path(__file__).with_name("conformance_rank.py")
@@ -37,7 +38,7 @@ def default_testdir() -> Path:
 
 def _command(launcher: str, runtime: str, ranks: int, args: list[str]) -> list[str]:
     if launcher == "spark-mpi":
-        cli = [sys.executable, "-m", "sparkmpi.cli", "run", "--np", str(ranks)]
+        cli = [sys.executable, "-m", "sparkmpi.cli", "run", "--ranks", str(ranks)]
         return [*cli, "--runtime", runtime, str(RANK_SCRIPT), *args]
     mpiexec = str(get_runtime(runtime).mpiexec)
     return [mpiexec, "-n", str(ranks), sys.executable, str(RANK_SCRIPT), *args]
@@ -219,7 +220,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--modules", help="comma-separated test modules (default: all)")
     parser.add_argument("--exclude", default=DEFAULT_EXCLUDE, help="modules left out (regex)")
     parser.add_argument("--testdir", help="the suite's test/ directory (default: set-up's)")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per run (1800)")
+    parser.add_argument("--timeout", type=duration, default=1800, help="per run (30m)")
     parser.add_argument("--json", help="write the results as JSON here")
     parser.add_argument("--plot", help="write the summary table as PNG here")
     parser.add_argument("--markdown", help="write the per-module tables as Markdown here")

@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     from sparkmpi.runner.context import spark_session
 
     n = args.size
-    workers = [int(w) for w in args.workers.split(",")]
+    workers = [int(w) for w in args.ranks.split(",")]
     angles = tilt_angles()
     volume = blobs_phantom((n, n, n))
     A = system_matrix(n, tuple(float(a) for a in angles), n)

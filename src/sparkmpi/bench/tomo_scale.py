@@ -175,7 +175,8 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="spark-mpi-bench-tomo-") as tmp:
         for n in sizes:
             print(f"size {n}: writing {n} sinograms of {args.projections} x {n}, then FBP ...")
-            settings = (args.projections, args.library_slices, args.ranks, args.master)
+            ranks = max(int(r) for r in args.ranks.split(","))
+            settings = (args.projections, args.library_slices, ranks, args.master)
             results.append(measure(n, *settings, Path(tmp)))
     rows = []
     for r in results:
@@ -196,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
                     ]
                 )
     print_table(
-        f"FBP from {args.projections} projections, end to end on {args.ranks} ranks",
+        f"FBP from {args.projections} projections, end to end",
         [
             "case",
             "spark-mpi s",

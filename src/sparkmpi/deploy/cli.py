@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from sparkmpi.durations import duration
+
 
 def _cores(text: str) -> list[int]:
     try:
@@ -197,7 +199,7 @@ def add_commands(sub) -> None:
         )
     status = cluster_sub.choices["status"]
     status.add_argument("--wait-workers", type=int, default=0, help="wait until N are alive")
-    status.add_argument("--timeout", type=float, default=120.0)
+    status.add_argument("--timeout", type=duration, default=120.0, help="e.g. 2m (2m)")
     worker = cluster_sub.add_parser("worker", help="run one worker here, in the foreground")
     worker.add_argument("--master", required=True, help="spark://HOST:PORT")
     worker.add_argument("--cores", type=int, default=os.cpu_count() or 1)

@@ -25,8 +25,21 @@ from dataclasses import dataclass, field
 
 _LENGTH = struct.Struct("!Q")
 SPARE_FD_VARIABLE = "SPARKMPI_SPARE_FD"
-# Read when the interpreter starts or the MPI library loads: a spare cannot honour a change.
-_STARTUP_VARIABLES = ("PYTHON", "LD_", "MPI4PY")
+# Read when the interpreter starts, the MPI library loads or a spare's imports load their
+# thread pools (BLAS, OpenMP, numba): a spare cannot honour a change.
+_STARTUP_VARIABLES = (
+    "PYTHON",
+    "LD_",
+    "MPI4PY",
+    "OMP_",
+    "OPENBLAS_",
+    "MKL_",
+    "BLIS_",
+    "GOTO_",
+    "VECLIB_",
+    "NUMEXPR_",
+    "NUMBA_",
+)
 START_DELAY_S = 0.2
 """A new spare starts this long after a rank ends, once its job has wound down."""
 

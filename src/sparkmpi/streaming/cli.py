@@ -7,6 +7,8 @@ import signal
 import sys
 import time
 
+from sparkmpi.durations import duration
+
 
 def _exit_on_sigterm() -> None:
     """SIGTERM ends the command like Ctrl-C, so brokers and ranks it started are stopped."""
@@ -15,14 +17,6 @@ def _exit_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-
-
-def _seconds(text: str) -> float:
-    text = text.strip().lower()
-    value = float(text[:-2]) / 1000 if text.endswith("ms") else float(text.rstrip("s"))
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be a positive duration like 2s or 500ms")
-    return value
 
 
 def _access(args: argparse.Namespace):
@@ -213,7 +207,7 @@ def add_commands(sub) -> None:
     )
     run.add_argument("--app", default="ptycho", choices=("ptycho", "tomo"))
     run.add_argument("--out", default="stream-out", help="results and checkpoints (stream-out)")
-    run.add_argument("--batch-interval", type=_seconds, default=2.0, help="e.g. 2s or 500ms")
+    run.add_argument("--batch-interval", type=duration, default=2.0, help="e.g. 2s or 500ms")
     run.add_argument("--iterations", type=int, default=10, help="solver iterations per batch")
     run.add_argument("--final-iterations", type=int, default=50, help="after the scan ends")
     run.add_argument("--algorithm", choices=("raar", "dm"), default="raar")
@@ -221,14 +215,14 @@ def add_commands(sub) -> None:
     run.add_argument("--scans", type=int, default=1, help="scans to process before exiting")
     run.add_argument("--wait", type=float, default=600.0, help="seconds to wait for a scan")
     run.add_argument(
-        "--batch-timeout", type=_seconds, help="deadline of one batch (30 intervals, >= 60s)"
+        "--batch-timeout", type=duration, help="deadline of one batch (30 intervals, >= 60s)"
     )
     run.add_argument(
         "--max-recoveries", type=int, default=3, help="failed batches in a row to recover from"
     )
     run.add_argument(
         "--idle-timeout",
-        type=_seconds,
+        type=duration,
         default=300.0,
         help="close a scan as incomplete after this long without frames or scan-end (300s)",
     )
