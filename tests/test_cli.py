@@ -211,3 +211,15 @@ def test_ctrl_c_on_the_driver_stops_the_ranks():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert "INTERRUPTED" in done.stdout and "LEFT []" in done.stdout, done.stderr[-3000:]
+
+
+def test_lazy_public_names_are_listed_and_typed():
+    from pathlib import Path
+
+    import sparkmpi
+    import sparkmpi.runner
+
+    assert set(sparkmpi.__all__) <= set(dir(sparkmpi))
+    assert sorted(sparkmpi.runner._EXPORTS) == sparkmpi.runner.__all__
+    assert set(sparkmpi.runner.__all__) <= set(dir(sparkmpi.runner))
+    assert (Path(sparkmpi.__file__).parent / "py.typed").exists()  # PEP 561 marker
