@@ -194,6 +194,8 @@ def test_driver_killed_mid_scan_resumes_and_uses_every_frame_once(broker, scan, 
                 process.wait(30)
     text = (tmp_path / "second.log").read_text()
     assert "resuming after batch" in text
+    assert f"reading {url}, writing results to {out}" in text  # where it listens and writes
+    assert "waiting for a scan to start" in text
     with h5py.File(out / "restart-scan" / "final.h5") as f:
         applied = list(f["applied"][()])  # counted by the ranks as they gave frames to the app
         summary = json.loads(f.attrs["summary"])

@@ -163,3 +163,18 @@ def test_missing_or_malformed_file_is_one_line(tmp_path):
     bad.write_bytes(b"not hdf5")
     done = spark_mpi("view", str(bad), timeout=60)
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "cannot be read" in done.stderr
+
+
+def test_a_taken_port_is_one_line(tmp_path):
+    import socket
+
+    volume = tmp_path / "v.npy"
+    np.save(volume, np.zeros((4, 4, 4), np.float32))
+    with socket.socket() as other:  # another program already serves on the port
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        done = spark_mpi("view", str(volume), "--port", str(port), timeout=60)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert f"127.0.0.1:{port} is not free" in done.stderr and "--port" in done.stderr
+    assert "http://" not in done.stdout  # no URL of someone else's server

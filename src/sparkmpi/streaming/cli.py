@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 import time
+from pathlib import Path
 
 from sparkmpi.durations import duration
 
@@ -139,7 +140,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             log=lambda line: print(line, flush=True),
             access=access,
         ) as driver:
+            out = Path(args.out).resolve()
+            print(f"reading {args.source}, writing results to {out}", flush=True)
             for _ in range(args.scans):
+                print("waiting for a scan to start ...", flush=True)
                 summary = driver.run_scan(timeout=args.wait)
                 if summary is None:
                     print(f"no scan started within {args.wait:.0f} s", flush=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import numpy as np
 
@@ -172,11 +173,24 @@ class Viewer:
             self._refresh()
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raises ValueError, one line, if another program listens on ``host``:``port``."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ValueError(
+                f"{host}:{port} is not free ({exc.strerror}): pick another with --port"
+            ) from None
+
+
 def serve(path: str | None, port: int = 8080, host: str = "127.0.0.1", follow: str | None = None):
     """Serves the page for ``path`` (or, with ``follow``, for a streaming run's newest result)
     until interrupted. Raises :class:`~sparkmpi.viz.data.ViewerInputError` for a bad file."""
     from trame.app import get_server
 
+    check_port_free(host, port)  # before loading anything: a taken port is one line
     follower = Follower(follow) if follow else None
     if path is not None:
         dataset = load(path)
