@@ -178,3 +178,18 @@ def test_a_taken_port_is_one_line(tmp_path):
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert f"127.0.0.1:{port} is not free" in done.stderr and "--port" in done.stderr
     assert "http://" not in done.stdout  # no URL of someone else's server
+
+
+def test_following_a_directory_that_a_run_will_create(tmp_path):
+    from sparkmpi.viz.follow import Follower
+
+    out = tmp_path / "not-yet"
+    follower = Follower(str(out))  # the viewer may start before the driver
+    assert follower.waiting_for_directory and follower.newest() is None
+    (out / "scan-1").mkdir(parents=True)
+    (out / "scan-1" / "batch-0001.h5").write_bytes(b"")
+    assert not follower.waiting_for_directory
+    assert follower.newest() == str(out / "scan-1" / "batch-0001.h5")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="not a results directory"):
+        Follower(str(tmp_path / "a-file"))

@@ -54,7 +54,7 @@ class StreamDriver:
         access=None,
     ):
         self.spark, self.url, self.app = spark, source_url, app
-        self.out_dir = Path(out_dir)
+        self.out_dir = Path(out_dir).absolute()  # result records name files anywhere
         self.settings = settings or StreamSettings()
         self.app_settings = app_settings
         self.log = log

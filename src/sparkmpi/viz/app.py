@@ -199,4 +199,6 @@ def serve(path: str | None, port: int = 8080, host: str = "127.0.0.1", follow: s
     server = get_server("sparkmpi-view", client_type="vue3")
     Viewer(server, dataset, follower)
     print(f"spark-mpi view: http://{host}:{port}/", flush=True)
+    if follower is not None and follower.waiting_for_directory:
+        print(f"spark-mpi view: waiting for {follow} to appear", flush=True)
     server.start(port=port, host=host, open_browser=False, show_connection_info=False)

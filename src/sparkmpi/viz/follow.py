@@ -31,8 +31,13 @@ class Follower:
                 }
             )
             self._consumer.assign([TopicPartition(f"{topic}.results", 0, 0)])
-        elif not Path(target).is_dir():
+        elif Path(target).exists() and not Path(target).is_dir():
             raise FileNotFoundError(f"{target}: not a results directory or kafka:// URL")
+
+    @property
+    def waiting_for_directory(self) -> bool:
+        """True while a followed results directory does not exist yet (a run not started)."""
+        return self._consumer is None and not Path(self.target).is_dir()
 
     def newest(self) -> str | None:
         if self._consumer is not None:
