@@ -29,6 +29,7 @@ from sparkmpi.apps.tomo.projector import row_norms_sq
 
 Progress = Callable[[int, int], None] | None
 BACKENDS = ("cpu", "cupy")
+FILTERS = ("ramlak", "shepp-logan", "hann")  # FBP's
 _TILE = 32  # voxel columns per tile edge in backproject_columns
 
 
@@ -232,8 +233,8 @@ def _ramp_filter(n_det: int, kind: str) -> tuple[np.ndarray, int]:
         ramp = ramp * np.sinc(freq)
     elif kind == "hann":
         ramp = ramp * (0.5 + 0.5 * np.cos(2 * np.pi * freq))
-    elif kind != "ramlak":
-        raise ValueError(f"filter must be ramlak, shepp-logan or hann, not {kind!r}")
+    elif kind not in FILTERS:
+        raise ValueError(f"filter must be one of {', '.join(FILTERS)}, not {kind!r}")
     return ramp, size
 
 

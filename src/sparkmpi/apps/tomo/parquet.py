@@ -83,6 +83,12 @@ def write_parquet(series: TiltSeries, path: str | os.PathLike) -> None:
     write_part(path, meta, 0, series.projections)
 
 
+def even_ranges(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ranges (first, stop) of 0..n-1, as even as can be."""
+    bounds = np.linspace(0, n, parts + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
 def _convert_range(
     layout: SeriesLayout, meta: dict, staging: str, rows: tuple[int, int]
 ) -> int | str:
@@ -120,8 +126,7 @@ def convert_to_parquet(
     sc = spark.sparkContext
     row_bytes = n_angles * n_cols * _FLOAT32_LE.itemsize
     count = max(partitions or sc.defaultParallelism, -(-n_rows * row_bytes // MAX_GROUP_BYTES))
-    bounds = np.linspace(0, n_rows, min(count, n_rows) + 1).round().astype(int)
-    ranges = [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+    ranges = even_ranges(n_rows, min(count, n_rows))
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -145,19 +150,17 @@ def convert_to_parquet(
     return meta
 
 
-def _parts(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.glob("*.parquet") if not p.name.startswith((".", "_")))
-
-
-def _parquet_file(path: Path) -> Path:
+def _files(path: Path) -> list[Path]:
+    """The Parquet file ``path``, or the part files of the directory ``path`` (at least one);
+    :class:`TomoInputError` otherwise."""
     if path.is_dir():
-        parts = _parts(path)
+        parts = sorted(p for p in path.glob("*.parquet") if not p.name.startswith((".", "_")))
         if not parts:
             raise TomoInputError(f"{path}: directory holds no .parquet part files")
-        return parts[0]
+        return parts
     if not path.is_file():
         raise TomoInputError(f"{path}: no such file")
-    return path
+    return [path]
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -167,7 +170,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     import pyarrow.parquet as pq
 
     path = Path(path)
-    part = _parquet_file(path)
+    part = _files(path)[0]
     try:
         schema = pq.read_schema(part)
     except Exception as exc:
@@ -215,9 +218,8 @@ def check_slices(spark, path: str | os.PathLike, meta: dict) -> None:
     import pyarrow.parquet as pq
 
     path = Path(path).resolve()
-    files = [path] if path.is_file() else _parts(path)
     groups = []
-    for file in files or [_parquet_file(path)]:
+    for file in _files(path):
         try:
             footer = pq.ParquetFile(file)
         except Exception as exc:
@@ -267,7 +269,7 @@ def _row_groups(path: Path, first: int, stop: int) -> list[tuple[int, int, Path,
     import pyarrow.parquet as pq
 
     groups = []
-    for file in [path] if path.is_file() else _parts(path):
+    for file in _files(path):
         metadata = pq.ParquetFile(file).metadata
         column = metadata.schema.names.index("slice")
         for group in range(metadata.num_row_groups):

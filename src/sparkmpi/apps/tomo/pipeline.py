@@ -15,7 +15,6 @@ volumes. With ``backend="cupy"`` each rank reconstructs on its GPU
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -27,8 +26,14 @@ import numpy as np
 
 from sparkmpi.apps.cuda import use_rank_device
 from sparkmpi.apps.tomo import volume_store
-from sparkmpi.apps.tomo.algorithms import BACKENDS, art, estimate_center, fbp, sirt
-from sparkmpi.apps.tomo.parquet import check_slices, decode_sinogram, read_metadata, read_slices
+from sparkmpi.apps.tomo.algorithms import BACKENDS, FILTERS, art, estimate_center, fbp, sirt
+from sparkmpi.apps.tomo.parquet import (
+    check_slices,
+    decode_sinogram,
+    even_ranges,
+    read_metadata,
+    read_slices,
+)
 from sparkmpi.apps.tomo.projector import system_matrix
 from sparkmpi.apps.tomo.volume_store import SlabWriter
 from sparkmpi.memory import peak_rss_mib, reset_peak_rss, spark_jvm_peak_rss_mib
@@ -37,9 +42,6 @@ log = logging.getLogger(__name__)
 ALGORITHMS = ("art", "sirt", "fbp")
 ENGINES = ("mpi", "spark")
 CHUNK_BYTES = 64 << 20  # FBP's working set per chunk of slices
-
-
-FILTERS = ("ramlak", "shepp-logan", "hann")
 
 
 @dataclass(frozen=True)
@@ -119,14 +121,10 @@ def choose_center(sinogram: np.ndarray, angles_deg: np.ndarray, binning: int) ->
 
 
 def _slab(meta: dict, rows) -> tuple[np.ndarray, np.ndarray]:
-    pairs = sorted((int(r[0]), r[1]) for r in rows)
-    index = np.array([s for s, _ in pairs], dtype=np.int64)
-    sinos = (
-        np.stack([decode_sinogram(b, meta["n_angles"], meta["n_cols"]) for _, b in pairs])
-        if pairs
-        else np.zeros((0, meta["n_angles"], meta["n_cols"]), np.float32)
-    )
-    return index, sinos
+    """(slice numbers, sinograms) of a partition's contiguous ``rows``, all at once."""
+    for first, sinograms in _runs(meta, rows, None):
+        return np.arange(first, first + len(sinograms)), sinograms
+    return np.zeros(0, np.int64), np.zeros((0, meta["n_angles"], meta["n_cols"]), np.float32)
 
 
 def chunk_slices(meta: dict, settings: ReconSettings) -> int | None:
@@ -226,12 +224,6 @@ def _mpi_max():
     return MPI.MAX
 
 
-def slab_ranges(n_rows: int, partitions: int) -> list[tuple[int, int]]:
-    """``partitions`` contiguous ranges (first, stop) of slices 0..n_rows-1, as even as can be."""
-    bounds = np.linspace(0, n_rows, partitions + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
-
-
 def _rows(parquet: str, partition) -> Iterator:
     """The (slice, sinogram bytes) rows of a partition's slab ranges, read where it runs."""
     for first, stop in partition:
@@ -254,7 +246,7 @@ def _plan(spark, parquet, settings: ReconSettings, ranks: int):
             center = choose_center(sino, angles, settings.binning)
             if center is not None:
                 settings = ReconSettings(**{**asdict(settings), "center": center})
-    ranges = slab_ranges(meta["n_rows"], ranks)
+    ranges = even_ranges(meta["n_rows"], ranks)
     return meta, settings, parquet, spark.sparkContext.parallelize(ranges, ranks)
 
 
